@@ -1,0 +1,34 @@
+"""speechbrain-diffsep: DiffSep diffusion-based speech separation as a SpeechBrain plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="speechbrain-diffsep",
+    version="0.1.0",
+    description="DiffSep (Scheibler et al., ICASSP 2023): diffusion-based generative speech "
+    "source separation for SpeechBrain",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["speechbrain_diffsep", "speechbrain_diffsep.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "speechbrain>=1.0",
+        "torch>=2.1",
+        "torchaudio>=2.1",
+        "hyperpyyaml",
+        "numpy",
+        "pesq",
+        "pystoi",
+        "soundfile",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "scipy"],
+        "eval": ["speechmos", "onnxruntime", "librosa"],
+    },
+    entry_points={
+        "console_scripts": [
+            "diffsep-separate=speechbrain_diffsep.cli:separate_main",
+            "diffsep-enhance=speechbrain_diffsep.cli:enhance_main",
+        ]
+    },
+)
