@@ -1,0 +1,117 @@
+"""DiffSep's training losses: denoising score matching and the p_T permutation loss.
+
+- Standard loss (t ~ U[t_eps, T]): ``x_t = mu_t(s) + L_t z`` and the loss is the mean over sources
+  and samples of ``(L_t q + z)^2`` where ``q = q_theta(x_t, t, y)`` estimates the score.
+- p_T loss (chosen per example with probability ``p_T``): ``t = T``, ``x_T = y/K + L_T z0`` (the
+  inference prior, independent of the source order) and the loss is
+  ``min_pi mean((L_T q + z_pi)^2)``, ``z_pi = z0 + L_T^{-1}(y/K - mu_T(s_pi))``. It trains the
+  network to undo the "model mismatch" between the prior and the true marginal at T.
+- Examples not chosen for p_T get their sources shuffled (augmentation).
+"""
+
+import itertools
+
+import torch
+
+from .sde import _check_mixture, _check_signals
+
+
+def denoising_score_loss(score, z, sde, t, y=None):
+    """Per-example ``mean((L_t score + z)^2)`` over sources and samples, shaped (batch,)."""
+    _check_signals(score, "score", sde.num_sources)
+    if z.shape != score.shape:
+        raise ValueError(f"z must have the score's shape {tuple(score.shape)}, got {tuple(z.shape)}")
+    err = sde.mult_std(score, t, y=y) + z
+    return err.pow(2).mean(dim=(1, 2))
+
+
+def prior_mismatch_noise(z0, s, y, sde):
+    """``z0 + L_T^{-1}(y/K - mu_T(s))``: the noise that explains ``x_T = y/K + L_T z0`` given ``s``."""
+    tT = torch.full((s.shape[0],), sde.T, dtype=s.dtype, device=s.device)
+    return z0 + sde.mult_std_inv(sde.prior_mean(y) - sde.mean(s, tT), tT, y=y)
+
+
+def prior_permutation_loss(score, z0, s, y, sde):
+    """p_T loss: min over source permutations of ``mean((L_T score + z_pi)^2)``, shaped (batch,).
+
+    Returns ``(loss, best_perm_index)``.
+    """
+    _check_signals(s, "s", sde.num_sources)
+    _check_mixture(y)
+    tT = torch.full((s.shape[0],), sde.T, dtype=s.dtype, device=s.device)
+    L_q = sde.mult_std(score, tT, y=y)
+    losses = []
+    for perm in itertools.permutations(range(sde.num_sources)):
+        z_pi = prior_mismatch_noise(z0, s[:, list(perm)], y, sde)
+        losses.append((L_q + z_pi).pow(2).mean(dim=(1, 2)))
+    losses = torch.stack(losses, dim=1)
+    best, idx = losses.min(dim=1)
+    return best, idx
+
+
+def sample_time(batch, sde, generator=None, dtype=torch.float32, device=None):
+    """``t ~ Uniform[t_eps, T]``, shaped (batch,)."""
+    u = torch.rand(batch, generator=generator, dtype=dtype, device=device)
+    return sde.t_eps + (sde.T - sde.t_eps) * u
+
+
+def shuffle_sources(s, generator=None):
+    """Random permutation of the sources, independently for each example."""
+    B, K, _ = s.shape
+    keys = torch.rand(B, K, generator=generator, device=s.device)
+    order = keys.argsort(dim=1)
+    return torch.gather(s, 1, order[:, :, None].expand_as(s))
+
+
+def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True):
+    """The full DiffSep training loss for a batch, with one network call.
+
+    Arguments
+    ---------
+    score_fn : callable
+        ``score_fn(x_t, t, y) -> score`` (the network, in the normalized domain).
+    sde : MixingSDE
+    s : torch.Tensor
+        Clean sources (batch, K, samples), normalized like ``y``.
+    y : torch.Tensor
+        Mixture (batch, 1, samples).
+    p_T : float
+        Probability that an example uses the p_T permutation loss at t = T.
+
+    Returns
+    -------
+    loss : torch.Tensor
+        Per-example loss, shaped (batch,).
+    use_prior : torch.Tensor
+        Boolean mask (batch,) of the examples that used the p_T loss.
+
+    Example
+    -------
+    >>> from speechbrain_diffsep.sde import MixingSDE
+    >>> sde = MixingSDE()
+    >>> s = torch.randn(4, 2, 32); y = s.sum(1, keepdim=True)
+    >>> loss, mask = score_matching_loss(lambda x, t, y: torch.zeros_like(x), sde, s, y)
+    >>> loss.shape
+    torch.Size([4])
+    """
+    _check_signals(s, "s", sde.num_sources)
+    _check_mixture(y)
+    if not 0.0 <= p_T <= 1.0:
+        raise ValueError(f"p_T must be a probability in [0, 1], got {p_T}")
+    B = s.shape[0]
+    dev, dt = s.device, s.dtype
+    use_prior = torch.rand(B, generator=generator, device=dev) < p_T
+    if shuffle:
+        s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
+    t = sample_time(B, sde, generator, dtype=dt, device=dev)
+    t = torch.where(use_prior, torch.full_like(t, sde.T), t)
+    z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
+    x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
+    x_prior = sde.prior_sample(y, z=z)
+    x = torch.where(use_prior[:, None, None], x_prior, x_t)
+    score = score_fn(x, t, y)
+    loss = denoising_score_loss(score, z, sde, t, y=y)
+    if bool(use_prior.any()):
+        loss_prior, _ = prior_permutation_loss(score, z, s, y, sde)
+        loss = torch.where(use_prior, loss_prior, loss)
+    return loss, use_prior

@@ -1,0 +1,21 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def ref_values():
+    with open(DATA / "diffsep_reference_values.json") as f:
+        return json.load(f)
+
+
+def t64(x):
+    return torch.tensor(x, dtype=torch.float64)
