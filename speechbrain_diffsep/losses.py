@@ -115,3 +115,13 @@ def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=Tr
         loss_prior, _ = prior_permutation_loss(score, z, s, y, sde)
         loss = torch.where(use_prior, loss_prior, loss)
     return loss, use_prior
+
+
+def training_loss(score_model, sde, s, y, generator=None, **options):
+    """The loss the Brain calls: ``(per-example loss (batch,), info dict)``.
+
+    ``options`` come from the yaml's ``loss_options`` (``p_T``, ``shuffle``, ...), so new training
+    objectives can be selected without touching the Brain.
+    """
+    loss, use_prior = score_matching_loss(score_model, sde, s, y, generator=generator, **options)
+    return loss, {"use_prior": use_prior}
