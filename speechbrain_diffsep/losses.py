@@ -49,9 +49,19 @@ def prior_permutation_loss(score, z0, s, y, sde):
     return best, idx
 
 
-def sample_time(batch, sde, generator=None, dtype=torch.float32, device=None):
-    """``t ~ Uniform[t_eps, T]``, shaped (batch,)."""
+def sample_time(batch, sde, generator=None, dtype=torch.float32, device=None, kind="uniform", power=1.0):
+    """Training times in ``[t_eps, T]``, shaped (batch,).
+
+    ``kind="uniform"``: the paper's ``U[t_eps, T]``. ``kind="power"``: ``t_eps + (T - t_eps) u^(1/power)``,
+    which for ``power > 1`` puts more examples near T, where the separation itself is learned.
+    """
     u = torch.rand(batch, generator=generator, dtype=dtype, device=device)
+    if kind == "power":
+        if power <= 0:
+            raise ValueError(f"t_power must be > 0, got {power}")
+        u = u ** (1.0 / power)
+    elif kind != "uniform":
+        raise ValueError(f"unknown t_sampling {kind!r}; use 'uniform' or 'power'")
     return sde.t_eps + (sde.T - sde.t_eps) * u
 
 
@@ -63,7 +73,7 @@ def shuffle_sources(s, generator=None):
     return torch.gather(s, 1, order[:, :, None].expand_as(s))
 
 
-def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True):
+def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0):
     """The full DiffSep training loss for a batch, with one network call.
 
     Arguments
@@ -103,7 +113,7 @@ def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=Tr
     use_prior = torch.rand(B, generator=generator, device=dev) < p_T
     if shuffle:
         s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
-    t = sample_time(B, sde, generator, dtype=dt, device=dev)
+    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power)
     t = torch.where(use_prior, torch.full_like(t, sde.T), t)
     z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
     x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
@@ -117,11 +127,26 @@ def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=Tr
     return loss, use_prior
 
 
-def training_loss(score_model, sde, s, y, generator=None, **options):
+def training_loss(score_model, sde, s, y, generator=None, objective="score", **options):
     """The loss the Brain calls: ``(per-example loss (batch,), info dict)``.
 
-    ``options`` come from the yaml's ``loss_options`` (``p_T``, ``shuffle``, ...), so new training
-    objectives can be selected without touching the Brain.
+    ``objective="score"`` is the paper's score-matching loss (:func:`score_matching_loss`);
+    ``objective="denoiser"`` is the EDM-style data-prediction loss of
+    :func:`speechbrain_diffsep.precond.denoiser_loss` and needs a
+    :class:`~speechbrain_diffsep.precond.PreconditionedScoreModel`. ``options`` come from the yaml's
+    ``loss_options`` (``p_T``, ``shuffle``, ``t_sampling``, ``t_power``).
     """
-    loss, use_prior = score_matching_loss(score_model, sde, s, y, generator=generator, **options)
+    if objective == "score":
+        loss, use_prior = score_matching_loss(score_model, sde, s, y, generator=generator, **options)
+    elif objective == "denoiser":
+        from .precond import denoiser_loss
+
+        if not hasattr(getattr(score_model, "module", score_model), "denoise"):  # DDP wraps in .module
+            raise ValueError(
+                "objective 'denoiser' needs a PreconditionedScoreModel as score_model; "
+                "wrap the network with speechbrain_diffsep.precond.PreconditionedScoreModel in the yaml"
+            )
+        loss, use_prior = denoiser_loss(score_model, sde, s, y, generator=generator, **options)
+    else:
+        raise ValueError(f"unknown objective {objective!r}; use 'score' or 'denoiser'")
     return loss, {"use_prior": use_prior}

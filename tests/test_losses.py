@@ -115,3 +115,15 @@ def test_bad_input(sde, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         score_matching_loss(lambda x, t, y: x, sde, args["s"], args["y"], p_T=args["p_T"])
+
+
+@pytest.mark.parametrize("power, expected_mean", [(1.0, 0.515), (3.0, 0.03 + 0.97 * 0.75)])
+def test_time_sampling_distribution(sde, power, expected_mean):
+    from speechbrain_diffsep.losses import sample_time
+
+    t = sample_time(200000, sde, torch.Generator().manual_seed(0), dtype=torch.float64, kind="power", power=power)
+    assert float(t.min()) >= sde.t_eps and float(t.max()) <= sde.T
+    # E[u^(1/p)] = p / (p + 1)
+    assert abs(float(t.mean()) - expected_mean) < 0.005
+    with pytest.raises(ValueError, match="t_sampling"):
+        sample_time(4, sde, kind="beta")

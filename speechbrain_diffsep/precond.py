@@ -1,0 +1,132 @@
+"""EDM-style preconditioning of the DiffSep network (after Karras et al. 2022 and EDSep).
+
+The paper's network outputs the score directly, with a loss that weights every t alike; it learns
+slowly (the separating part, near t = T, is a small share of the work). Here the network predicts
+the *sources* through EDM's skip/output scalings, solved per eigen-subspace of the SDE:
+
+- On span(1) (the average of the sources) the marginal is ``x^P = y/K + sqrt(lambda_1) z``: the
+  average of the sources is known exactly from the mixture, so the denoiser returns ``y/K`` there.
+- On the complement, ``x^Pbar = a_t s^Pbar + sqrt(lambda_2) z`` with ``a_t = exp(-gamma t)``: a
+  scaled denoising problem with noise ``sigma_t = sqrt(lambda_2) / a_t`` on ``s^Pbar``, which gets
+  EDM's ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+  ``c_in = 1 / sqrt(sigma^2 + sd^2)`` (``sd`` = ``sigma_data``, the std of ``s^Pbar``).
+
+``D(x, t, y) = y/K + c_skip Pbar x / a_t + c_out Pbar F(c_in Pbar x / a_t, t, y)`` and the score
+follows from it: ``-Sigma_t^{-1} (x - mu_t(D))``, so every sampler works unchanged. The matching
+loss is ``|Pbar (D - s)|^2 / c_out^2`` (EDM's weighting: unit-variance regression target for F).
+The network ``F`` should be built without ``scale_by_sigma`` (its output is not a score).
+"""
+
+import math
+
+import torch
+
+from .sde import MixingSDE
+
+
+def _pbar(x):
+    return x - x.mean(dim=1, keepdim=True)
+
+
+class PreconditionedScoreModel(torch.nn.Module):
+    """Wraps a network ``F(x, t, y)`` into a source denoiser and a score model.
+
+    Arguments
+    ---------
+    net : torch.nn.Module
+        Called as ``net(x_in (B,K,n), t (B,), y (B,1,n))``, output (B,K,n).
+    sde : MixingSDE
+        The SDE whose marginals define the scalings (its parameters are copied).
+    sigma_data : float
+        Std of the zero-mean part of the (normalized) sources; about 0.5 for two speakers of
+        similar level in a unit-variance mixture.
+
+    Example
+    -------
+    >>> class Zero(torch.nn.Module):
+    ...     def forward(self, x, t, y):
+    ...         return torch.zeros_like(x)
+    >>> m = PreconditionedScoreModel(Zero(), MixingSDE())
+    >>> y = torch.randn(1, 1, 16); x = torch.randn(1, 2, 16)
+    >>> m(x, torch.tensor([0.5]), y).shape
+    torch.Size([1, 2, 16])
+    """
+
+    def __init__(self, net, sde=None, sigma_data=0.5):
+        super().__init__()
+        self.net = net
+        sde = sde if sde is not None else MixingSDE()
+        self.sde_kwargs = dict(
+            num_sources=sde.num_sources,
+            gamma=sde.gamma,
+            sigma_min=sde.sigma_min,
+            sigma_max=sde.sigma_max,
+            t_eps=sde.t_eps,
+            T=sde.T,
+        )
+        self.sde = MixingSDE(**self.sde_kwargs)
+        self.sigma_data = float(sigma_data)
+
+    def scalings(self, t):
+        """``(a_t, c_skip, c_out, c_in)``, each shaped (batch, 1, 1), in float32/64 like t."""
+        _, lam2 = self.sde.eigenvalues(t)
+        a = torch.exp(-self.sde.gamma * t)
+        sigma = lam2.sqrt() / a
+        sd = self.sigma_data
+        norm = torch.sqrt(sigma**2 + sd**2)
+        shape = (-1, 1, 1)
+        return (a.view(shape), (sd**2 / norm**2).view(shape), (sigma * sd / norm).view(shape), (1.0 / norm).view(shape))
+
+    def denoise(self, x, t, y):
+        """Estimate of the sources ``E[s | x_t, y]`` shaped (batch, K, samples)."""
+        t = t.to(x.dtype)
+        a, c_skip, c_out, c_in = self.scalings(t)
+        xb = _pbar(x) / a
+        f = self.net(c_in * xb, t, y).to(x.dtype)
+        return y / self.sde.num_sources + c_skip * xb + c_out * _pbar(f)
+
+    def forward(self, x, t, y, output="score"):
+        """Score ``-Sigma_t^{-1} (x - mu_t(D(x)))`` for the samplers, or ``D(x)`` itself.
+
+        ``output="denoised"`` returns the source estimate; training calls it through ``forward``
+        so that a DistributedDataParallel wrapper sees the call and all-reduces the gradients.
+        """
+        d = self.denoise(x, t, y)
+        if output == "denoised":
+            return d
+        if output != "score":
+            raise ValueError(f"output must be 'score' or 'denoised', got {output!r}")
+        t = t.to(x.dtype)
+        return -self.sde.mult_cov_inv(x - self.sde.mean(d, t), t)
+
+
+def denoiser_loss(model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0):
+    """Data-prediction loss for :class:`PreconditionedScoreModel`, with the p_T permutation branch.
+
+    Per example ``|Pbar (D(x_t) - s)|^2 / c_out(t)^2`` averaged over sources and samples; for the
+    p_T examples (x from the prior at t = T) the minimum over source permutations.
+    Returns ``(loss (batch,), use_prior (batch,))``.
+    """
+    from itertools import permutations
+
+    from .losses import sample_time, shuffle_sources
+
+    B = s.shape[0]
+    dev, dt = s.device, s.dtype
+    use_prior = torch.rand(B, generator=generator, device=dev) < p_T
+    if shuffle:
+        s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
+    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power)
+    t = torch.where(use_prior, torch.full_like(t, sde.T), t)
+    z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
+    x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
+    x = torch.where(use_prior[:, None, None], sde.prior_sample(y, z=z), x_t)
+    d = model(x, t, y, output="denoised")  # through forward (DDP-safe)
+    c_out = getattr(model, "module", model).scalings(t)[2]
+    per_perm = []
+    perms = list(permutations(range(sde.num_sources))) if bool(use_prior.any()) else [tuple(range(sde.num_sources))]
+    for perm in perms:
+        per_perm.append((_pbar(d - s[:, list(perm)]) / c_out).pow(2).mean(dim=(1, 2)))
+    per_perm = torch.stack(per_perm, dim=1)
+    loss = torch.where(use_prior, per_perm.min(dim=1).values, per_perm[:, 0])
+    return loss, use_prior
