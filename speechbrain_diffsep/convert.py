@@ -372,9 +372,9 @@ def to_reference_state_dict(model):
 
     def order(ref_key):
         m = re.match(re.escape(REF_BACKBONE_PREFIX) + r"all_modules\.(\d+)\.", ref_key)
-        return (-1, ref_key) if m is None else (int(m.group(1)), "")
+        return -1 if m is None else int(m.group(1))
 
-    keys = sorted(mapping, key=order)
+    keys = sorted(mapping, key=order)  # stable: our order inside a module, which is the reference's
     return collections.OrderedDict((k, ours[mapping[k]]) for k in keys)
 
 
