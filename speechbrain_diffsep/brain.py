@@ -380,7 +380,7 @@ class SeparationBrain(sb.Brain):
         self._epoch = epoch
         if stage == sb.Stage.VALID:
             rank, world = world_info()
-            n_valid = int(self.hparams.n_valid_separations)
+            n_valid = int(getattr(self.hparams, "n_valid_separations", 0))
             self._valid_quota = len(range(rank, max(n_valid, 0), world))
             self._valid_done = 0
             self._valid_sisdr = []
@@ -445,16 +445,16 @@ class SeparationBrain(sb.Brain):
         self.metric_stats.scores = [p[1] for p in pairs]
         summary = self.metric_stats.summarize()
         self.test_summary = summary
-        if not if_main_process():
-            return
-        folder = Path(self.hparams.results_folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.metric_stats.write_csv(folder / "test_results.csv")
-        with open(folder / "test_summary.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["metric", "mean", "std", "count"])
-            for name in self.metric_stats.metrics:
-                writer.writerow([name, summary[name], summary[f"{name}_std"], summary["n_utts"]])
+        if if_main_process():
+            folder = Path(self.hparams.results_folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.metric_stats.write_csv(folder / "test_results.csv")
+            with open(folder / "test_summary.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["metric", "mean", "std", "count"])
+                for name in self.metric_stats.metrics:
+                    writer.writerow([name, summary[name], summary[f"{name}_std"], summary["n_utts"]])
+        # log_stats is main-process-only with a broadcast: every rank must call it
         self.hparams.train_logger.log_stats(
             stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
             test_stats={name: summary[name] for name in self.metric_stats.metrics},

@@ -1,0 +1,266 @@
+"""The WSJ0Mix separation recipe end to end on a tiny generated dataset (wsj0-2mix layout).
+
+- every top-level key of every recipe yaml is used (by a !ref or by train.py / brain.py);
+- an unknown key on the command line gives hyperpyyaml's error naming it; a missing data folder
+  gives a one-line error and no traceback;
+- two processes (torchrun, gloo on CPU) train on disjoint examples, end with identical weights,
+  and write one checkpoint and one results CSV;
+- a run killed with SIGKILL after a checkpoint resumes at the saved epoch/step and finishes;
+- the Conv-TasNet baseline trains and is tested through the same recipe.
+"""
+
+import csv
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "WSJ0Mix" / "separation"
+YAMLS = sorted((RECIPE / "hparams").glob("*.yaml"))
+CODE = [RECIPE / "train.py", ROOT / "speechbrain_diffsep" / "brain.py"]
+SR = 8000
+N_TRAIN, N_VALID, N_TEST = 8, 2, 2
+
+# a network small enough for CI; the recipe yaml stays the one users run
+TINY_DIFFSEP = [
+    "--nf=16",
+    "--ch_mult=[1,1,2,2]",
+    "--num_res_blocks=1",
+    "--attn_resolutions=[]",
+    "--segment_seconds=0.5",
+    "--batch_size=2",
+    "--n_valid_separations=1",
+    "--valid_separation_options={sampler: pc, num_steps: 1}",
+    "--separation_options={sampler: pc, num_steps: 2}",
+    "--test_metrics=[si_sdr,si_sdri,pesq,estoi]",
+    "--device=cpu",
+    "--noprogressbar",
+    "--ckpt_interval_minutes=0",
+    "--log_rank_activity=True",
+]
+
+
+# --------------------------------------------------------------------------- fixture data
+def _voice(rng, n):
+    """A crude voiced "speaker": harmonics of a wobbling f0 under a syllable-rate envelope."""
+    t = np.arange(n) / SR
+    f0 = rng.uniform(90, 250) * (1 + 0.05 * np.sin(2 * np.pi * rng.uniform(2, 5) * t))
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    sig = sum(np.sin(h * phase) / h for h in range(1, 10))
+    env = np.clip(np.sin(2 * np.pi * rng.uniform(2, 4) * t + rng.uniform(0, 6)), 0, None) ** 0.5
+    return 0.1 * sig * env + 1e-3 * rng.standard_normal(n)
+
+
+def write_tiny_wsj0mix(root, seed=0):
+    """Write ``root/wav8k/min/{tr,cv,tt}/{mix,s1,s2}/*.wav`` with short synthetic mixtures."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("tr", N_TRAIN), ("cv", N_VALID), ("tt", N_TEST)):
+        for i in range(count):
+            n = int(SR * rng.uniform(0.6, 0.8))
+            s1, s2 = _voice(rng, n), _voice(rng, n)
+            name = f"{split}{i:02d}.wav"
+            for sub, sig in (("s1", s1), ("s2", s2), ("mix", s1 + s2)):
+                folder = root / "wav8k" / "min" / split / sub
+                folder.mkdir(parents=True, exist_ok=True)
+                sf.write(folder / name, sig.astype(np.float32), SR, subtype="PCM_16")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    return write_tiny_wsj0mix(tmp_path_factory.mktemp("tiny_wsj0mix"))
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _train_cmd(hparams, data, out, extra=(), nproc=1):
+    args = [str(RECIPE / "hparams" / hparams), f"--data_folder={data}", f"--output_folder={out}", *extra]
+    if nproc == 1:
+        return [sys.executable, str(RECIPE / "train.py"), *args]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+        f"--nproc_per_node={nproc}", str(RECIPE / "train.py"), *args, "--distributed_backend=gloo",
+    ]
+
+
+def _run(cmd, timeout=240):
+    proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _read_rank_log(path):
+    """``(batches, fingerprints)``: [(epoch, step, ids)], {epoch: fingerprint}."""
+    batches, prints = [], {}
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "batch":
+            batches.append((int(parts[1]), int(parts[2]), parts[3:]))
+        elif parts[0] == "epoch_end":
+            prints[int(parts[1])] = parts[2]
+    return batches, prints
+
+
+def _results(out):
+    with open(Path(out) / "test" / "test_results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _complete_ckpts(save):
+    return sorted(p for p in Path(save).glob("CKPT+*") if (p / "complete.ckpt").exists())
+
+
+# --------------------------------------------------------------------------- yaml checks
+def _top_level_keys(path):
+    """Top-level keys of a HyperPyYAML file (tags ignored)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    return list(yaml.load(Path(path).read_text(), Loader=Loader))
+
+
+def _used_names(yaml_path):
+    """Names referenced by ``!ref <name...>`` in the yaml, by the code, or read by sb.Brain."""
+    import speechbrain as sb
+
+    used = set(re.findall(r"<([A-Za-z_]\w*)", Path(yaml_path).read_text()))
+    for code in CODE:
+        text = code.read_text()
+        used |= set(re.findall(r"hparams\.(\w+)", text))
+        used |= set(re.findall(r"hparams\[\s*[\"'](\w+)[\"']\s*\]", text))
+        used |= set(re.findall(r"getattr\(self\.hparams,\s*[\"'](\w+)[\"']", text))
+    used |= set(sb.RunOptions().as_dict())  # run options sb.Brain takes from the yaml
+    return used
+
+
+@pytest.mark.parametrize("yaml_path", YAMLS, ids=[p.name for p in YAMLS])
+def test_every_yaml_key_is_used(yaml_path):
+    keys = _top_level_keys(yaml_path)
+    assert "modules" in keys and "brain_class" in keys
+    unused = [k for k in keys if not k.startswith("__") and k not in _used_names(yaml_path)]
+    assert unused == [], f"{yaml_path.name}: unused top-level keys {unused}"
+
+
+def test_key_checker_catches_an_unused_key(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text((RECIPE / "hparams" / "diffsep_small.yaml").read_text() + "\nnot_read_anywhere: 3\n")
+    keys = _top_level_keys(path)
+    assert "not_read_anywhere" in keys and "not_read_anywhere" not in _used_names(path)
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("wsj0mix_train", RECIPE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("hparams", ["diffsep_small.yaml", "convtasnet_small.yaml"])
+def test_unknown_command_line_key_is_a_clear_error(hparams, data_folder, tmp_path):
+    train = _train_module()
+    argv = [str(RECIPE / "hparams" / hparams), f"--data_folder={data_folder}", "--numbr_of_epochs=3"]
+    with pytest.raises(KeyError, match="numbr_of_epochs"):
+        train.main(argv)
+
+
+def test_missing_data_folder_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "no_such_wsj0mix"
+    cmd = _train_cmd("diffsep_small.yaml", missing, tmp_path / "out")
+    proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data_folder") and str(missing) in last
+
+
+# --------------------------------------------------------------------------- DDP
+def test_two_process_ddp_trains_disjoint_examples_to_identical_weights(data_folder, tmp_path):
+    out = tmp_path / "ddp"
+    _run(_train_cmd("diffsep_small.yaml", data_folder, out, TINY_DIFFSEP + ["--number_of_epochs=1"], nproc=2))
+    b0, p0 = _read_rank_log(out / "rank_logs" / "rank0.txt")
+    b1, p1 = _read_rank_log(out / "rank_logs" / "rank1.txt")
+    ids0 = [i for _, _, ids in b0 for i in ids]
+    ids1 = [i for _, _, ids in b1 for i in ids]
+    assert len(b0) == len(b1) == N_TRAIN // 2 // 2  # 2 ranks, batch 2
+    assert not set(ids0) & set(ids1)
+    assert sorted(ids0 + ids1) == [f"tr{i:02d}" for i in range(N_TRAIN)]
+    # different data on each rank, yet the same weights: the gradients were all-reduced
+    assert p0 == p1 and set(p0) == {1}
+    assert len(list((out / "save").glob("CKPT+*"))) == 1
+    assert len(list(out.rglob("test_results.csv"))) == 1
+    rows = _results(out)
+    assert sorted(r["ID"] for r in rows) == ["avg", "tt00", "tt01"]
+
+
+# --------------------------------------------------------------------------- kill and resume
+def test_sigkill_then_resume_continues_from_the_checkpoint(data_folder, tmp_path):
+    out = tmp_path / "resume"
+    cmd = _train_cmd(
+        "diffsep_small.yaml", data_folder, out,
+        TINY_DIFFSEP + ["--number_of_epochs=3", "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1"],
+    )
+    log = out / "rank_logs" / "rank0.txt"
+    proc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not _complete_ckpts(out / "save"):
+            assert proc.poll() is None, f"training ended before a checkpoint: {proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    # what the restart must load: the latest complete checkpoint
+    ckpt = max(_complete_ckpts(out / "save"), key=lambda p: yaml.safe_load((p / "CKPT.yaml").read_text())["unixtime"])
+    meta = yaml.safe_load((ckpt / "CKPT.yaml").read_text())
+    epoch = int((ckpt / "counter.ckpt").read_text())
+    step = yaml.safe_load((ckpt / "brain.ckpt").read_text())["step"]
+    expected = (epoch + 1, 1) if meta["end-of-epoch"] else (epoch, step + 1)
+    before, _ = _read_rank_log(log)
+
+    _run(cmd)
+    after, prints = _read_rank_log(log)
+    resumed = after[len(before):]
+    assert (resumed[0][0], resumed[0][1]) == expected
+    killed = {(e, s): ids for e, s, ids in before}
+    if expected in killed:  # the killed run had started that batch: the resumed one is the same
+        assert resumed[0][2] == killed[expected]
+    assert resumed[-1][0] == 3 and set(prints) >= {3}
+    assert sorted(r["ID"] for r in _results(out)) == ["avg", "tt00", "tt01"]
+
+
+# --------------------------------------------------------------------------- Conv-TasNet
+def test_convtasnet_small_trains_and_is_tested_like_diffsep(data_folder, tmp_path):
+    out = tmp_path / "ctn"
+    tiny = ["--N=16", "--B=8", "--H=16", "--X=2", "--R=1", "--segment_seconds=0.5", "--batch_size=2",
+            "--number_of_epochs=2", "--test_metrics=[si_sdr,si_sdri,pesq,estoi]", "--device=cpu",
+            "--noprogressbar", "--ckpt_interval_minutes=0"]
+    _run(_train_cmd("convtasnet_small.yaml", data_folder, out, tiny))
+    rows = _results(out)
+    assert sorted(r["ID"] for r in rows) == ["avg", "tt00", "tt01"]
+    for col in ("si_sdr", "si_sdri", "pesq", "estoi"):
+        assert all(np.isfinite(float(r[col])) for r in rows), col
+    ckpts = list((out / "save").glob("CKPT+*"))
+    assert ckpts and all((c / "masknet.ckpt").exists() and (c / "lr_scheduler.ckpt").exists() for c in ckpts)
+    log = (out / "train_log.txt").read_text()
+    assert "epoch: 2" in log and "test si_sdr" in log
