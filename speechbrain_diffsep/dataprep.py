@@ -35,10 +35,14 @@ def _fmt_set(names):
     return names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
 
 
-def _close_names(parent, name):
-    """Entries of ``parent`` that look like a misspelling / other casing of ``name``."""
+def _close_names(parent, name, known=()):
+    """Entries of ``parent`` that look like a misspelling / other casing of ``name``.
+
+    Entries listed in ``known`` (legitimate names of the layout, e.g. another split) are never
+    suggested.
+    """
     try:
-        entries = sorted(os.listdir(parent))
+        entries = sorted(e for e in os.listdir(parent) if e not in known)
     except OSError:
         return []
     lower = {e.lower(): e for e in entries}
@@ -54,11 +58,12 @@ def check_data_folder(data_folder, dataset, hint):
     return os.path.abspath(str(data_folder))
 
 
-def require_dirs(parent, names, dataset, hint):
+def require_dirs(parent, names, dataset, hint, known=()):
     """Check that every folder in ``names`` exists under ``parent``; return their paths.
 
     The error names the first missing folder, the expected set, any look-alike folder that is
-    there instead (``'S2'``, ``'s_2'``...) and the ``hint`` on how to fix it, all on one line.
+    there instead (``'S2'``, ``'s_2'``...; never one of ``known``, the other legitimate names of
+    the layout) and the ``hint`` on how to fix it, all on one line.
 
     Example
     -------
@@ -75,7 +80,7 @@ def require_dirs(parent, names, dataset, hint):
     for name in names:
         path = os.path.join(parent, name)
         if not os.path.isdir(path):
-            close = _close_names(parent, name)
+            close = _close_names(parent, name, known)
             found = f"; found {', '.join(repr(c) for c in close)} instead, misnamed?" if close else ""
             raise DataLayoutError(
                 f"{dataset}: missing folder {path} (expected {_fmt_set(names)} under {parent}{found}); {hint}"

@@ -38,6 +38,10 @@ DATASET = "LibriMix"
 RATE_FOLDERS = {8000: "wav8k", 16000: "wav16k"}
 TRAIN_SPLITS = ("train-100", "train-360")
 MIXTURES = {"clean": "mix_clean", "both": "mix_both"}
+#: Legitimate LibriMix folder names, never suggested as a misspelling of another one.
+KNOWN = ("wav8k", "wav16k", "min", "max", "dev", "test", "mix_single", "s1", "s2", "s3", "noise") + TRAIN_SPLITS + tuple(
+    MIXTURES.values()
+)
 
 
 def prepare_librimix(
@@ -104,22 +108,22 @@ def prepare_librimix(
     if os.path.basename(os.path.normpath(data_folder)) == libri:
         root = data_folder
     else:
-        (root,) = require_dirs(data_folder, [libri], DATASET, hint)
-    (rate_dir,) = require_dirs(root, [rate_folder], DATASET, hint)
-    (version_dir,) = require_dirs(rate_dir, [version], DATASET, hint)
+        (root,) = require_dirs(data_folder, [libri], DATASET, hint, KNOWN)
+    (rate_dir,) = require_dirs(root, [rate_folder], DATASET, hint, KNOWN)
+    (version_dir,) = require_dirs(rate_dir, [version], DATASET, hint, KNOWN)
 
     mix_folder = MIXTURES[mixture]
     sources = [f"s{k}" for k in range(1, n_spks + 1)]
     extra = ["noise"] if mixture == "both" else []
     fields = ["ID", "duration", "mix_wav"] + [f"{s}_wav" for s in sources + extra]
     plan = {"train": train_splits, "valid": ["dev"], "test": ["test"]}
-    split_dirs = require_dirs(version_dir, train_splits + ["dev", "test"], DATASET, hint)
+    split_dirs = require_dirs(version_dir, train_splits + ["dev", "test"], DATASET, hint, KNOWN)
     split_dirs = dict(zip(train_splits + ["dev", "test"], split_dirs))
 
     for split, parts in plan.items():
         rows = []
         for part in parts:
-            sub = require_dirs(split_dirs[part], [mix_folder] + sources + extra, DATASET, hint)
+            sub = require_dirs(split_dirs[part], [mix_folder] + sources + extra, DATASET, hint, KNOWN)
             folders = dict(zip([mix_folder] + sources + extra, sub))
             names = match_file_lists(folders, DATASET)
             check_sample_rate(

@@ -101,7 +101,7 @@ def prepare_voicebank(data_folder, save_folder, sample_rate=16000, valid_speaker
         return
 
     data_folder = check_data_folder(data_folder, DATASET, hint)
-    dirs = dict(zip(FOLDERS, require_dirs(data_folder, list(FOLDERS.values()), DATASET, hint)))
+    dirs = dict(zip(FOLDERS, require_dirs(data_folder, list(FOLDERS.values()), DATASET, hint, FOLDERS.values())))
     train_names = match_file_lists({"noisy": dirs["noisy_train"], "clean": dirs["clean_train"]}, DATASET)
     test_names = match_file_lists({"noisy": dirs["noisy_test"], "clean": dirs["clean_test"]}, DATASET)
 

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 DATASET = "wsj0-mix"
 SPLITS = {"train": "tr", "valid": "cv", "test": "tt"}
 RATE_FOLDERS = {8000: "wav8k", 16000: "wav16k"}
+#: Legitimate wsj0-mix folder names, never suggested as a misspelling of another one.
+KNOWN = ("wav8k", "wav16k", "min", "max", "tr", "cv", "tt", "mix", "s1", "s2", "s3")
 
 
 def resolve_root(data_folder, n_spks, rate_folder):
@@ -90,14 +92,14 @@ def prepare_wsj0mix(data_folder, save_folder, n_spks=2, sample_rate=8000, versio
         return
 
     root = resolve_root(check_data_folder(data_folder, DATASET, hint), n_spks, rate_folder)
-    (rate_dir,) = require_dirs(root, [rate_folder], DATASET, hint)
-    (version_dir,) = require_dirs(rate_dir, [version], DATASET, hint)
-    split_dirs = require_dirs(version_dir, list(SPLITS.values()), DATASET, hint)
+    (rate_dir,) = require_dirs(root, [rate_folder], DATASET, hint, KNOWN)
+    (version_dir,) = require_dirs(rate_dir, [version], DATASET, hint, KNOWN)
+    split_dirs = require_dirs(version_dir, list(SPLITS.values()), DATASET, hint, KNOWN)
     sources = [f"s{k}" for k in range(1, n_spks + 1)]
     fields = ["ID", "duration", "mix_wav"] + [f"{s}_wav" for s in sources]
 
     for (split, folder), split_dir in zip(SPLITS.items(), split_dirs):
-        sub = require_dirs(split_dir, ["mix"] + sources, DATASET, hint)
+        sub = require_dirs(split_dir, ["mix"] + sources, DATASET, hint, KNOWN)
         folders = dict(zip(["mix"] + sources, sub))
         names = match_file_lists(folders, DATASET)
         check_sample_rate(
