@@ -202,9 +202,10 @@ def best_permutation(est, ref, zero_mean=False):
     n_src = est.shape[1]
     if n_src > 8:
         raise ValueError(f"best_permutation searches all K! permutations; K={n_src} is too many (max 8)")
-    sir = pairwise_si_sir(est, ref, zero_mean=zero_mean, clamp_db=100.0)  # (B, K_ref, K_est)
-    perms = torch.tensor(list(itertools.permutations(range(n_src))), dtype=torch.long)  # (P, K)
-    rows = torch.arange(n_src)
+    with torch.no_grad():
+        sir = pairwise_si_sir(est.detach(), ref.detach(), zero_mean=zero_mean, clamp_db=100.0)  # (B, K_ref, K_est)
+    perms = torch.tensor(list(itertools.permutations(range(n_src))), dtype=torch.long, device=sir.device)  # (P, K)
+    rows = torch.arange(n_src, device=sir.device)
     scores = sir[:, rows, perms]  # (B, P, K): ref k paired with est perms[p, k]
     best = scores.mean(-1).argmax(-1)
     return perms[best]
