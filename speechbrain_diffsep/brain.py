@@ -162,6 +162,13 @@ def available_metrics(metrics):
     return metrics
 
 
+def _float32_output(module, inputs, output):
+    """Forward hook: cast a reduced-precision output back to float32."""
+    if torch.is_tensor(output) and output.is_floating_point() and output.dtype != torch.float32:
+        return output.float()
+    return None
+
+
 class _NetworkCall:
     """Calls a network under autocast (if enabled) and returns float32, outside of autocast.
 
@@ -209,6 +216,7 @@ class SeparationBrain(sb.Brain):
         self.num_spks = int(self.hparams.num_spks)
         if self.num_spks < 2:
             raise ValueError(f"num_spks must be >= 2, got {self.num_spks}")
+        self._epoch = None
         self._register_marker()
 
     def _register_marker(self):
@@ -463,7 +471,8 @@ class SeparationBrain(sb.Brain):
     # ------------------------------------------------------------------ rank log
     def on_fit_batch_start(self, batch, should_step):
         """With ``log_rank_activity``: note the epoch, step and example IDs of this batch."""
-        self._log_rank(f"batch {self._epoch} {self.step} {' '.join(map(str, batch.id))}")
+        if self._rank_log_enabled():
+            self._log_rank(f"batch {self._epoch} {self.step} {' '.join(map(str, batch.id))}")
 
     def _rank_log_enabled(self):
         return bool(getattr(self.hparams, "log_rank_activity", False))
@@ -505,6 +514,11 @@ class DiffSepBrain(SeparationBrain):
                 f"sde.num_sources={sde.num_sources} differs from num_spks={self.num_spks}; "
                 "build the SDE with num_sources: !ref <num_spks>"
             )
+        # The ScoreModel combines the backbone's output into complex spectra and inverts the STFT;
+        # under autocast that part must get float32 (torch.complex rejects bfloat16).
+        backbone = getattr(self.modules.score_model, "backbone", None)
+        if isinstance(backbone, torch.nn.Module):
+            backbone.register_forward_hook(_float32_output)
         decay = float(self.hparams.ema_decay)
         self.ema = AveragedModel(
             self.modules.score_model, multi_avg_fn=get_ema_multi_avg_fn(decay)

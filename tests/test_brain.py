@@ -1,0 +1,287 @@
+"""DiffSepBrain / ConvTasNetBrain in-process: training steps, EMA, clipping, AMP, checkpoints, test stage."""
+
+import csv
+import importlib.util
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import speechbrain as sb
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.lobes.models.conv_tasnet import Decoder, Encoder, MaskNet
+from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.epoch_loop import EpochCounter
+from speechbrain.utils.train_logger import FileTrainLogger
+from speechbrain_diffsep.brain import (
+    COMPLETE_MARKER,
+    ConvTasNetBrain,
+    DiffSepBrain,
+    ShardSampler,
+    parameter_fingerprint,
+    remove_incomplete_checkpoints,
+)
+from speechbrain_diffsep.ncsnpp import ScoreModel
+from speechbrain_diffsep.sde import MixingSDE
+
+SR = 8000
+HAS_DNSMOS = importlib.util.find_spec("speechmos") is not None
+
+
+def tiny_score_model(num_sources=2):
+    return ScoreModel(num_sources=num_sources, nf=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=())
+
+
+def example(i, n=2400, num_sources=2):
+    """Deterministic voiced-like sources (harmonics under a syllable envelope) and their mixture."""
+    t = torch.arange(n) / SR
+    srcs = []
+    for k in range(num_sources):
+        f0 = 110.0 + 37.0 * k + 11.0 * i
+        env = torch.sin(2 * torch.pi * (2.5 + k + 0.3 * i) * t).clamp(min=0) ** 0.5
+        srcs.append(0.1 * env * sum(torch.sin(2 * torch.pi * h * f0 * t) / h for h in range(1, 6)))
+    out = {f"s{k + 1}_sig": s for k, s in enumerate(srcs)}
+    out["mix_sig"] = sum(srcs)
+    return out
+
+
+def batch_of(ids, n=2400, num_sources=2):
+    return PaddedBatch([{"id": f"u{i}", **example(i, n, num_sources)} for i in ids])
+
+
+def dataset(ids, n=2400):
+    keys = ["id", "mix_sig", "s1_sig", "s2_sig"]
+    return DynamicItemDataset({f"u{i}": example(i, n) for i in ids}, output_keys=keys)
+
+
+def make_brain(tmp_path, kind="diffsep", run_opts=None, opt_class=None, epochs=1, **hp):
+    """A brain built like train.py does from the yaml, with a tiny network."""
+    counter = EpochCounter(epochs)
+    hparams = dict(
+        num_spks=2,
+        sample_rate=SR,
+        seed=0,
+        output_folder=str(tmp_path),
+        results_folder=str(tmp_path / "test"),
+        keep_checkpoints=1,
+        save_audio=False,
+        test_metrics=["si_sdr", "si_sdri", "pesq", "estoi", "dnsmos"],
+        train_logger=FileTrainLogger(str(tmp_path / "train_log.txt")),
+        epoch_counter=counter,
+        log_rank_activity=False,
+    )
+    if kind == "diffsep":
+        torch.manual_seed(0)
+        model = tiny_score_model()
+        modules = {"score_model": model}
+        hparams.update(
+            sde=MixingSDE(num_sources=2),
+            loss_options={"p_T": 0.1},
+            ema_decay=0.9,
+            n_valid_separations=1,
+            separation_options={"sampler": "pc", "num_steps": 2},
+            valid_separation_options={"sampler": "pc", "num_steps": 1},
+        )
+    else:
+        torch.manual_seed(0)
+        modules = {"encoder": Encoder(16, 32), "masknet": MaskNet(32, 16, 32, 3, 2, 1, 2), "decoder": Decoder(16, 32)}
+    hparams.update(hp)
+    ckpt = Checkpointer(str(tmp_path / "save"), recoverables={**modules, "counter": counter})
+    opts = {"device": "cpu", "noprogressbar": True, **(run_opts or {})}
+    cls = DiffSepBrain if kind == "diffsep" else ConvTasNetBrain
+    return cls(
+        modules=modules,
+        opt_class=opt_class or (lambda p: torch.optim.Adam(p, lr=2e-3)),
+        hparams=hparams,
+        run_opts=opts,
+        checkpointer=ckpt,
+    )
+
+
+def train_steps(brain, batch, n, reseed=True):
+    """``n`` calls of ``fit_batch`` as ``sb.Brain._fit_train`` makes them; returns the losses."""
+    brain.modules.train()
+    losses = []
+    for _ in range(n):
+        if reseed:  # same t, z, permutation every step: a deterministic objective
+            torch.manual_seed(123)
+        brain.step += 1
+        losses.append(float(brain.fit_batch(batch)))
+    return losses
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# --------------------------------------------------------------------------- training
+@pytest.mark.parametrize("kind,steps,factor", [("diffsep", 25, 0.5), ("convtasnet", 25, 0.8)])
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, kind, steps, factor):
+    brain = make_brain(tmp_path, kind)
+    brain.on_fit_start()
+    losses = train_steps(brain, batch_of([0, 1]), steps)
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    # SI-SNR losses are negative dB: compare the improvement, not the ratio
+    if kind == "diffsep":
+        assert losses[-1] < factor * losses[0], losses
+    else:
+        assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_ema_is_updated_once_per_optimizer_step_with_accumulation(tmp_path):
+    brain = make_brain(tmp_path, run_opts={"grad_accumulation_factor": 2}, ema_decay=0.9)
+    brain.on_fit_start()
+    batch = batch_of([0, 1])
+    w0 = params(brain.modules.score_model)
+    train_steps(brain, batch, 1, reseed=False)
+    assert all(torch.equal(a, b) for a, b in zip(w0, params(brain.modules.score_model))), "stepped too early"
+    assert int(brain.ema.n_averaged) == 0
+    train_steps(brain, batch, 1, reseed=False)
+    w1 = params(brain.modules.score_model)
+    assert int(brain.ema.n_averaged) == 1
+    assert all(torch.equal(a, b) for a, b in zip(w1, params(brain.ema.module)))  # first update copies
+    train_steps(brain, batch, 2, reseed=False)
+    w2 = params(brain.modules.score_model)
+    assert int(brain.ema.n_averaged) == 2
+    for e, a, b in zip(params(brain.ema.module), w1, w2):
+        assert torch.allclose(e, 0.9 * a + 0.1 * b, atol=1e-6)
+
+
+def test_gradient_norm_is_clipped_to_max_grad_norm(tmp_path):
+    brain = make_brain(
+        tmp_path, run_opts={"max_grad_norm": 1e-3}, opt_class=lambda p: torch.optim.SGD(p, lr=1.0)
+    )
+    brain.on_fit_start()
+    w0 = params(brain.modules.score_model)
+    train_steps(brain, batch_of([0, 1]), 1)
+    update = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(params(brain.modules.score_model), w0)))
+    assert float(update) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_bf16_autocast_runs_only_the_network_in_bf16(tmp_path):
+    """bf16 loss is finite, float32, and within 5% of the float32 loss (same weights, t, noise).
+
+    The weights are perturbed away from the zero-initialized output layers so that the network
+    output matters (measured difference: about 1%).
+    """
+    losses, seen = {}, {}
+    for precision in ("fp32", "bf16"):
+        brain = make_brain(tmp_path / precision, run_opts={"precision": precision})
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in brain.modules.score_model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        conv = next(m for m in brain.modules.score_model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o, p=precision: seen.setdefault(p, o.dtype) and None)
+        batch = batch_of([0, 1])
+        torch.manual_seed(8)
+        with brain.training_ctx:
+            loss = brain.compute_objectives(brain.compute_forward(batch, sb.Stage.TRAIN), batch, sb.Stage.TRAIN)
+        assert loss.dtype == torch.float32
+        losses[precision] = float(loss.detach())
+    assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    assert torch.isfinite(torch.tensor(losses["bf16"]))
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2)
+
+
+# --------------------------------------------------------------------------- evaluation uses the EMA
+def test_separation_uses_the_ema_weights(tmp_path):
+    brain = make_brain(tmp_path)
+    mix = batch_of([0]).mix_sig.data[:, None]
+    est = brain.separate(mix, ["u0"], sb.Stage.TEST)
+    with torch.no_grad():
+        for p in brain.modules.score_model.parameters():
+            p.mul_(0.5)
+    assert torch.equal(brain.separate(mix, ["u0"], sb.Stage.TEST), est)  # raw weights unused
+    with torch.no_grad():
+        for p in brain.ema.module.parameters():
+            p.mul_(0.5)
+    assert not torch.allclose(brain.separate(mix, ["u0"], sb.Stage.TEST), est)
+
+
+# --------------------------------------------------------------------------- fit / checkpoint / test
+def test_fit_checkpoints_ema_and_test_stage_writes_every_metric(tmp_path):
+    brain = make_brain(tmp_path, epochs=2, save_audio=True)
+    brain.fit(brain.hparams.epoch_counter, dataset([0, 1]), dataset([2]),
+              train_loader_kwargs={"batch_size": 2}, valid_loader_kwargs={"batch_size": 1})
+    ckpts = sorted((tmp_path / "save").glob("CKPT+*"))
+    assert 1 <= len(ckpts) <= 2  # the latest and the best by valid SI-SDR
+    for ckpt in ckpts:
+        meta = yaml.safe_load((ckpt / "CKPT.yaml").read_text())
+        assert {"si_sdr", "loss"} <= set(meta)
+        for name in ("score_model", "ema", "optimizer", "counter", "brain", COMPLETE_MARKER):
+            assert (ckpt / f"{name}.ckpt").exists(), name
+        ema = torch.load(ckpt / "ema.ckpt")
+        raw = torch.load(ckpt / "score_model.ckpt")
+        assert set(ema) == {f"module.{k}" for k in raw} | {"n_averaged"}
+        assert int(ema["n_averaged"]) == int((ckpt / "counter.ckpt").read_text())  # 1 step per epoch
+
+    brain.evaluate(dataset([3, 4], n=SR), max_key="si_sdr", test_loader_kwargs={"batch_size": 1})
+    with open(tmp_path / "test" / "test_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = ["si_sdr", "si_sdri", "pesq", "estoi"] + (["ovrl", "sig", "bak"] if HAS_DNSMOS else [])
+    assert [r["ID"] for r in rows] == ["u3", "u4", "avg"]
+    for m in expected:
+        vals = [float(r[m]) for r in rows]
+        assert all(v == v for v in vals), m
+        assert vals[-1] == pytest.approx(sum(vals[:-1]) / 2), m
+        assert float(rows[0][m]) == pytest.approx((float(rows[0][f"{m}_s1"]) + float(rows[0][f"{m}_s2"])) / 2)
+    with open(tmp_path / "test" / "test_summary.csv") as f:
+        summary = {r["metric"]: r for r in csv.DictReader(f)}
+    assert list(summary) == expected
+    assert float(summary["si_sdr"]["mean"]) == pytest.approx(float(rows[-1]["si_sdr"]))
+    assert all(int(r["count"]) == 2 for r in summary.values())
+    assert sorted(p.name for p in (tmp_path / "test" / "audio").iterdir()) == [
+        "u3_mix.wav", "u3_s1hat.wav", "u3_s2hat.wav", "u4_mix.wav", "u4_s1hat.wav", "u4_s2hat.wav"
+    ]
+
+
+def test_an_incomplete_checkpoint_is_removed_and_training_resumes_from_the_last_complete_one(tmp_path):
+    brain = make_brain(tmp_path, epochs=1)
+    brain.fit(brain.hparams.epoch_counter, dataset([0, 1]), dataset([2]),
+              train_loader_kwargs={"batch_size": 2}, valid_loader_kwargs={"batch_size": 1})
+    (good,) = (tmp_path / "save").glob("CKPT+*")
+    fingerprint = parameter_fingerprint(brain.modules.score_model)
+    # a later save killed half-way: meta written, weights truncated, no completion marker
+    bad = good.with_name(good.name + "-killed")
+    shutil.copytree(good, bad)
+    (bad / f"{COMPLETE_MARKER}.ckpt").unlink()
+    (bad / "score_model.ckpt").write_bytes(b"\x80truncated")
+    meta = yaml.safe_load((bad / "CKPT.yaml").read_text())
+    meta["unixtime"] += 100
+    (bad / "CKPT.yaml").write_text(yaml.dump(meta))
+
+    brain2 = make_brain(tmp_path, epochs=2)
+    assert parameter_fingerprint(brain2.modules.score_model) != fingerprint  # fresh weights
+    brain2.on_fit_start()
+    assert not bad.exists()
+    assert brain2.hparams.epoch_counter.current == 1
+    assert parameter_fingerprint(brain2.modules.score_model) == fingerprint
+    assert remove_incomplete_checkpoints(tmp_path / "save") == []
+
+
+# --------------------------------------------------------------------------- helpers / errors
+@pytest.mark.parametrize("n,world", [(0, 2), (5, 2), (7, 3), (2, 4)])
+def test_shard_sampler_partitions_without_padding(n, world):
+    shards = [list(ShardSampler(range(n), rank=r, world_size=world)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert all(len(ShardSampler(range(n), r, world)) == len(s) for r, s in enumerate(shards))
+
+
+def test_shard_sampler_rejects_a_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        ShardSampler(range(4), rank=2, world_size=2)
+
+
+def test_sde_with_the_wrong_number_of_sources_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="num_sources=3 differs from num_spks=2"):
+        make_brain(tmp_path, sde=MixingSDE(num_sources=3))
+
+
+def test_a_batch_without_enough_sources_is_rejected(tmp_path):
+    brain = make_brain(tmp_path, num_spks=3, sde=MixingSDE(num_sources=3))
+    with pytest.raises(ValueError, match="no s3_sig but num_spks=3"):
+        brain.compute_forward(batch_of([0]), sb.Stage.TRAIN)
