@@ -352,3 +352,16 @@ def test_require_dirs_no_lookalike(tmp_path):
     with pytest.raises(DataLayoutError) as err:
         require_dirs(str(tmp_path), ["mix", "s1"], "demo", "fix")
     assert _one_line(err) == f"demo: missing folder {tmp_path}/s1 (expected {{mix,s1}} under {tmp_path}); fix"
+
+
+@pytest.mark.parametrize("module, hint", [(wsj, "wav8k/"), (libri, "Libri2Mix/"), (vb, "clean_trainset_28spk_wav/")])
+def test_command_line_prints_one_line_error(tmp_path, capsys, module, hint):
+    assert module.main([str(tmp_path / "nope"), str(tmp_path / "save")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and err.rstrip().endswith(f"contains {hint}")
+
+
+def test_command_line_writes_csvs(tmp_path):
+    data = make_wsj0mix(tmp_path / "wsj")
+    assert wsj.main([str(data), str(tmp_path / "save"), "--n_spks", "2"]) == 0
+    assert len(read_csv(tmp_path / "save" / "train.csv")) == WSJ_COUNTS["tr"]

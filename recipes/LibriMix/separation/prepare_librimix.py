@@ -151,9 +151,14 @@ def main(argv=None):
     parser.add_argument("--train_splits", nargs="+", default=["train-360"], choices=list(TRAIN_SPLITS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    prepare_librimix(
-        args.data_folder, args.save_folder, args.n_spks, args.sample_rate, args.version, args.mixture, args.train_splits
-    )
+    try:
+        prepare_librimix(
+            args.data_folder, args.save_folder, args.n_spks, args.sample_rate, args.version, args.mixture, args.train_splits
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

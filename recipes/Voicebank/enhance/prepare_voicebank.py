@@ -161,7 +161,12 @@ def main(argv=None):
     parser.add_argument("--valid_speakers", nargs="+", default=list(VALID_SPEAKERS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    prepare_voicebank(args.data_folder, args.save_folder, args.sample_rate, args.valid_speakers)
+    try:
+        prepare_voicebank(args.data_folder, args.save_folder, args.sample_rate, args.valid_speakers)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -126,7 +126,12 @@ def main(argv=None):
     parser.add_argument("--version", default="min")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    prepare_wsj0mix(args.data_folder, args.save_folder, args.n_spks, args.sample_rate, args.version)
+    try:
+        prepare_wsj0mix(args.data_folder, args.save_folder, args.n_spks, args.sample_rate, args.version)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
