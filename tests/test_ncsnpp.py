@@ -28,6 +28,7 @@ SMALL = dict(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), 
     "nf, key",
     [(128, "params_nf128 (config/experiment/icassp-separation.yaml, used for the paper/HF checkpoint per README/issue #1 -- inferred)"),
      (64, "params_nf64 (config/model/default.yaml)")],
+    ids=["nf128", "nf64"],
 )
 def test_parameter_count_matches_reference(ref_values, nf, key):
     ref = ref_values["network_shapes_and_params"]
@@ -215,6 +216,23 @@ def test_variants_forward_and_backward(options):
         unused = not net.config["conditional"] and ("time_embed" in name or "temb_proj" in name)
         if p.requires_grad and not unused:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("options", [dict(), dict(resblock_type="ddpm", nonlinearity="lrelu", skip_rescale=False)])
+def test_inference_fast_path_matches_autograd_path(options):
+    """no_grad overwrites intermediates and runs channels_last on CPU: same numbers, input untouched."""
+    torch.manual_seed(0)
+    net = _randomize(NCSNpp(**{**SMALL, **options})).double()
+    x = torch.randn(2, 6, 64, 64, dtype=torch.float64)
+    x_copy = x.clone()
+    t = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    with torch.no_grad():
+        fast = net(x, t)
+    assert torch.equal(x, x_copy)
+    net.channels_last = False
+    slow = net(x, t)  # autograd on: no in-place ops, contiguous format
+    assert slow.requires_grad
+    assert torch.allclose(fast, slow.detach(), rtol=0, atol=1e-12 * slow.abs().max().item())
 
 
 def _identity_backbone(num_sources):
