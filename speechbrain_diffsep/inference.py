@@ -223,8 +223,12 @@ def check_model_folder(folder, hparams_file=HPARAMS_FILE):
 
 
 def _looks_local(source):
+    """Whether ``source`` names a local folder (anything but a URL or a Hugging Face ``owner/name``
+    id that does not exist locally)."""
     s = str(source)
-    return Path(s).exists() or s.startswith(("/", "./", "../", "~")) or s.count("/") != 1 or os.sep != "/" and os.sep in s
+    if s.startswith(("http://", "https://")):
+        return False
+    return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.count("/") != 1
 
 
 # --------------------------------------------------------------------------- interfaces

@@ -282,6 +282,15 @@ def _bad_folder(kind, sep_folder, tmp_path):
         state.pop(next(iter(state)))
         torch.save(state, ckpt)
         return folder, "1 missing keys"
+    if kind == "non-strict-yaml":  # SpeechBrain's default hook would only log the missing key
+        text = (folder / "hyperparams.yaml").read_text()
+        hook = "  custom_hooks:\n    score_model: !name:speechbrain_diffsep.inference.load_checkpoint_strict\n"
+        assert hook in text
+        (folder / "hyperparams.yaml").write_text(text.replace(hook, ""))
+        state = torch.load(sep_folder / "score_model.ckpt", weights_only=True)
+        state.pop(next(iter(state)))
+        torch.save(state, ckpt)
+        return folder, "score_model.ckpt does not match the score_model: 1 missing keys"
     if kind == "bad-yaml":
         (folder / "hyperparams.yaml").write_text("score_model: !new:speechbrain_diffsep.ncsnpp.NoSuchModel\n")
         ckpt.write_bytes((sep_folder / "score_model.ckpt").read_bytes())
@@ -289,7 +298,9 @@ def _bad_folder(kind, sep_folder, tmp_path):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "no-ckpt", "corrupt", "truncated-ckpt", "other-nf", "missing-key", "bad-yaml"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "no-ckpt", "corrupt", "truncated-ckpt", "other-nf", "missing-key", "non-strict-yaml", "bad-yaml"]
+)
 def test_bad_model_folders_give_one_line_errors(sep_folder, tmp_path, kind):
     folder, match = _bad_folder(kind, sep_folder, tmp_path)
     with pytest.raises(ValueError, match=match) as err:
