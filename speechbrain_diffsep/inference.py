@@ -329,20 +329,27 @@ class _DiffSepInterface(Pretrained):
         """(batch, 1, time) -> (batch, K, time) on the model's device and dtype."""
         name, steps, generator, opts = self._sampling_plan(sampler, num_steps, seed, sampler_options or {})
         chunk = self._hparam("chunk_seconds") if chunk_seconds is None else chunk_seconds
-        overlap = self._hparam("overlap_seconds") if overlap_seconds is None else overlap_seconds
+        if overlap_seconds is None:  # the yaml's default shrinks to fit short chunks; an explicit value is checked
+            overlap = min(self._hparam("overlap_seconds"), chunk / 2) if chunk else None
+        else:
+            overlap = overlap_seconds
         model, sde = self.mods.score_model, self.hparams.sde
         self.last_nfe = 0
 
         def separate_fn(piece):
-            est, nfe = separate_mixture(model, sde, piece, sampler=name, num_steps=steps, generator=generator, **opts)
+            try:
+                est, nfe = separate_mixture(model, sde, piece, sampler=name, num_steps=steps, generator=generator, **opts)
+            except TypeError as err:
+                if "unexpected keyword argument" not in str(err):
+                    raise
+                raise ValueError(f"sampler {name!r}: {_one_line(err)}") from None
             self.last_nfe += nfe
             return est
 
         with torch.no_grad():
             if chunk:
                 return separate_in_chunks(
-                    separate_fn, mix, self.hparams.sample_rate, chunk, min(overlap, chunk / 2),
-                    crossfade=self._hparam("crossfade"),
+                    separate_fn, mix, self.hparams.sample_rate, chunk, overlap, crossfade=self._hparam("crossfade"),
                 )
             return separate_fn(mix)
 

@@ -90,8 +90,12 @@ def test_per_call_options_override_the_yaml(separator):
     assert separator.last_nfe == 2
     with pytest.raises(ValueError, match="sampler 'ode' has no option 'snr'"):
         separator.separate_batch(mix, sampler="ode", snr=0.3)
+    with pytest.raises(ValueError, match="sampler 'em': .*unexpected keyword argument 'snrr'"):
+        separator.separate_batch(mix, sampler="em", snrr=0.3)
     with pytest.raises(ValueError, match="unknown sampler"):
         separator.separate_batch(mix, sampler="ddim")
+    with pytest.raises(ValueError, match="overlap_seconds must lie in"):
+        separator.separate_batch(mix, chunk_seconds=0.1, overlap_seconds=0.08)
     with pytest.raises(ValueError, match="num_steps must be a positive integer"):
         separator.separate_batch(mix, num_steps=0)
 
