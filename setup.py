@@ -22,7 +22,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "scipy", "fast_bss_eval"],
         "eval": ["speechmos", "onnxruntime", "librosa"],
     },
     entry_points={
