@@ -49,6 +49,13 @@ def build_parser(prog, task):
     p.add_argument("--chunk-seconds", type=float, help="process long files in chunks of this many seconds")
     p.add_argument("--overlap-seconds", type=float, help="overlap of consecutive chunks (default: the yaml's, 1 s)")
     p.add_argument("--seed", type=int, help="random seed (same output for the same input and seed)")
+    p.add_argument(
+        "--refine",
+        metavar="DIR|self",
+        help="refiner mode: start from the estimate of this SpeechBrain separation folder "
+        "(SepformerSeparation layout, e.g. Conv-TasNet) or of a fast pass of the model ('self')",
+    )
+    p.add_argument("--t-start", type=float, help="diffusion time the refiner starts from (default 0.5)")
     if task == "separate":
         p.add_argument("--num-spks", type=int, help="check that the model separates this many sources")
     p.add_argument("--subtype", default="PCM_16", help="output sample format for soundfile (default PCM_16)")
@@ -164,10 +171,19 @@ def _message(err):
 def _load_model(task, args):
     from .inference import DiffSepEnhancement, DiffSepSeparation
 
+    from .inference import _load_separator
+
     run_opts = {"device": args.device}
     if task == "separate":
-        return DiffSepSeparation.from_hparams(source=args.model, run_opts=run_opts, num_spks=args.num_spks)
-    return DiffSepEnhancement.from_hparams(source=args.model, run_opts=run_opts)
+        model = DiffSepSeparation.from_hparams(source=args.model, run_opts=run_opts, num_spks=args.num_spks)
+    else:
+        model = DiffSepEnhancement.from_hparams(source=args.model, run_opts=run_opts)
+    if args.refine:
+        sep = "self" if args.refine == "self" else _load_separator(args.refine, args.device)
+        model.set_initial_separator(sep, t_start=args.t_start)
+    elif args.t_start is not None:
+        model.hparams.t_start = args.t_start
+    return model
 
 
 def _process(task, model, path, out_dir, options, subtype, report):

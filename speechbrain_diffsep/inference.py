@@ -56,6 +56,8 @@ DEFAULTS = {
     "chunk_seconds": None,
     "overlap_seconds": 1.0,
     "crossfade": "hann",
+    "t_start": None,
+    "init_separator": None,
 }
 """Sampling defaults used when ``hyperparams.yaml`` does not set them."""
 
@@ -231,6 +233,19 @@ def _looks_local(source):
     return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.count("/") != 1
 
 
+def _load_separator(folder, device="cpu"):
+    """Load a SpeechBrain separation folder (SepformerSeparation layout: encoder/masknet/decoder)."""
+    from speechbrain.inference.separation import SepformerSeparation
+
+    folder = Path(folder)
+    if not (folder / HPARAMS_FILE).is_file():
+        raise ValueError(f"initial separator {folder}: no {HPARAMS_FILE} (expected a SepformerSeparation model folder)")
+    try:
+        return SepformerSeparation.from_hparams(source=str(folder), savedir=str(folder), run_opts={"device": device})
+    except Exception as err:
+        raise ValueError(f"initial separator {folder}: could not load it ({type(err).__name__}: {_one_line(err)})") from None
+
+
 # --------------------------------------------------------------------------- interfaces
 class _DiffSepInterface(Pretrained):
     """Shared loading, checking and sampling of the DiffSep interfaces."""
@@ -243,6 +258,44 @@ class _DiffSepInterface(Pretrained):
         super().__init__(*args, **kwargs)
         self._check_num_sources(num_spks)
         self.last_nfe = 0
+        self.init_separator = None
+
+    # ------------------------------------------------------------------ refiner mode
+    def set_initial_separator(self, separator, t_start=None):
+        """Refiner mode: start the reverse process at ``t_start`` around ``separator``'s output.
+
+        ``separator`` is any object with SpeechBrain's ``separate_batch(mix [B, T]) -> [B, T, K]``
+        (a ``SepformerSeparation``, e.g. SpeechBrain's Conv-TasNet or SepFormer models), a
+        callable with that signature, or ``"self"`` for a fast first pass of this model (ODE, 2
+        steps). ``None`` switches refining off. ``t_start`` (default: the yaml's, else 0.5) sets
+        how much of the estimate is kept: smaller keeps more.
+        """
+        if separator is not None and separator != "self" and not (
+            callable(separator) or hasattr(separator, "separate_batch")
+        ):
+            raise ValueError("separator must have separate_batch(mix) -> [batch, time, K], be callable, or be 'self'")
+        self.init_separator = separator
+        if t_start is not None:
+            self.hparams.t_start = float(t_start)
+
+    def _initial_estimate(self, piece):
+        """(batch, 1, time) -> (batch, K, time) from the initial separator, or None."""
+        sep = self.init_separator
+        if sep is None:
+            return None
+        if sep == "self":
+            est, nfe = separate_mixture(self.mods.score_model, self.hparams.sde, piece, sampler="ode", num_steps=2)
+            self.last_nfe += nfe
+            return est
+        fn = sep.separate_batch if hasattr(sep, "separate_batch") else sep
+        est = fn(piece[:, 0, :]).to(piece.dtype)
+        if est.dim() != 3 or est.shape[0] != piece.shape[0] or est.shape[2] != self.hparams.num_spks:
+            raise ValueError(
+                f"the initial separator returned shape {tuple(est.shape)}, expected [batch, time, K={self.hparams.num_spks}]"
+            )
+        n = piece.shape[-1]
+        est = est[:, :n] if est.shape[1] >= n else torch.nn.functional.pad(est, (0, 0, 0, n - est.shape[1]))
+        return est.transpose(1, 2)
 
     @classmethod
     def from_hparams(cls, source, hparams_file=HPARAMS_FILE, **kwargs):
@@ -264,6 +317,9 @@ class _DiffSepInterface(Pretrained):
             where = "could not load the model" if local else "not a local folder, and fetching it failed"
             raise ValueError(f"model folder {source}: {where} ({type(err).__name__}: {_one_line(err)})") from None
         obj._verify_weights(source, local)
+        init = obj._hparam("init_separator")
+        if init is not None:
+            obj.set_initial_separator(init if init == "self" else _load_separator(Path(source) / init, obj.device))
         return obj
 
     def _verify_weights(self, source, local):
@@ -337,6 +393,10 @@ class _DiffSepInterface(Pretrained):
         self.last_nfe = 0
 
         def separate_fn(piece):
+            init = self._initial_estimate(piece)
+            if init is not None:
+                opts["init"] = init
+                opts["t_start"] = self._hparam("t_start") or 0.5
             try:
                 est, nfe = separate_mixture(model, sde, piece, sampler=name, num_steps=steps, generator=generator, **opts)
             except TypeError as err:

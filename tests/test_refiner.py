@@ -1,0 +1,67 @@
+"""Refiner mode of the inference interface and the CLI: DiffSep starting from another separator."""
+import pytest
+import soundfile
+import torch
+
+from speechbrain_diffsep import cli, inference
+from test_inference import separator, sep_folder  # noqa: F401  (module fixtures)
+
+
+def test_separator_output_seeds_the_sampler(separator, monkeypatch):  # noqa: F811
+    mix = 0.1 * torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))
+    known = torch.stack([mix, -0.5 * mix], dim=-1)  # [B, T, K]
+    seen = {}
+    real = inference.separate_mixture
+
+    def spy(model, sde, piece, **kw):
+        seen.update(kw)
+        return real(model, sde, piece, **kw)
+
+    monkeypatch.setattr(inference, "separate_mixture", spy)
+    separator.set_initial_separator(lambda m: known, t_start=0.3)
+    try:
+        est = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+    finally:
+        separator.set_initial_separator(None)
+        separator.hparams.t_start = None
+    assert torch.equal(seen["init"], known.transpose(1, 2)) and seen["t_start"] == 0.3
+    assert est.shape == (2, 4000, 2) and separator.last_nfe == 3
+    # without a separator the sampler starts from the prior
+    seen.clear()
+    separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+    assert "init" not in seen
+
+
+def test_self_refinement_counts_both_passes(separator):  # noqa: F811
+    mix = 0.1 * torch.randn(1, 3000, generator=torch.Generator().manual_seed(1))
+    separator.set_initial_separator("self", t_start=0.4)
+    try:
+        est = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+    finally:
+        separator.set_initial_separator(None)
+        separator.hparams.t_start = None
+    assert est.shape == (1, 3000, 2) and torch.isfinite(est).all()
+    assert separator.last_nfe == 3 + 3  # fast pass (ode, 2 points + denoise) + refinement
+
+
+def test_bad_separators(separator, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="separate_batch"):
+        separator.set_initial_separator(42)
+    separator.set_initial_separator(lambda m: torch.zeros(m.shape[0], m.shape[1], 3))
+    try:
+        with pytest.raises(ValueError, match="expected \\[batch, time, K=2\\]"):
+            separator.separate_batch(torch.randn(1, 2000), num_steps=2)
+    finally:
+        separator.set_initial_separator(None)
+    with pytest.raises(ValueError, match="no hyperparams.yaml"):
+        inference._load_separator(tmp_path)
+
+
+def test_cli_refine_self(sep_folder, tmp_path):  # noqa: F811
+    wav = tmp_path / "m.wav"
+    soundfile.write(str(wav), 0.1 * torch.randn(2400, generator=torch.Generator().manual_seed(2)).numpy(), 8000)
+    out = tmp_path / "out"
+    code = cli.separate_main([str(wav), "--model", str(sep_folder), "--out", str(out), "--steps", "2",
+                              "--sampler", "ode", "--refine", "self", "--t-start", "0.4", "--quiet"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["m_s1.wav", "m_s2.wav"]
