@@ -219,6 +219,13 @@ def test_fit_checkpoints_ema_and_test_stage_writes_every_metric(tmp_path):
         assert set(ema) == {f"module.{k}" for k in raw} | {"n_averaged"}
         assert int(ema["n_averaged"]) == int((ckpt / "counter.ckpt").read_text())  # 1 step per epoch
 
+    # a fresh process testing only: the best checkpoint by validation SI-SDR, EMA weights included
+    best = max(ckpts, key=lambda c: yaml.safe_load((c / "CKPT.yaml").read_text())["si_sdr"])
+    fresh = make_brain(tmp_path, epochs=2)
+    fresh.on_evaluate_start(max_key="si_sdr")
+    saved = torch.load(best / "ema.ckpt")
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.ema.state_dict().items())
+
     brain.evaluate(dataset([3, 4], n=SR), max_key="si_sdr", test_loader_kwargs={"batch_size": 1})
     with open(tmp_path / "test" / "test_results.csv") as f:
         rows = list(csv.DictReader(f))
