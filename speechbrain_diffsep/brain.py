@@ -36,6 +36,7 @@ from speechbrain.utils.distributed import if_main_process
 
 from .losses import training_loss
 from .metrics import SeparationMetricStats
+from .ncsnpp import NCSNpp
 from .normalize import normalize_batch
 from .pipeline import separate_mixture
 
@@ -409,12 +410,14 @@ class SeparationBrain(sb.Brain):
         if stage == sb.Stage.VALID:
             stats = self._gather_valid_stats()
             lr = self._step_scheduler(epoch, stats["loss"])
+            meta = {k: v for k, v in stats.items() if v is not None}
             self.hparams.train_logger.log_stats(
                 stats_meta={"epoch": epoch, "lr": lr},
                 train_stats=getattr(self, "train_stats", None),
-                valid_stats=stats,
+                valid_stats=meta,
             )
-            meta = {k: v for k, v in stats.items() if v is not None}
+            if self.checkpointer is None:
+                return
             key = "si_sdr" if "si_sdr" in meta else None
             self.checkpointer.save_and_keep_only(
                 meta=meta,
@@ -435,11 +438,12 @@ class SeparationBrain(sb.Brain):
 
     def _step_scheduler(self, epoch, valid_loss):
         """Step the optional ``lr_scheduler`` (SpeechBrain's ReduceLROnPlateau); returns the lr."""
+        if not hasattr(self, "optimizer"):
+            return None
         sched = getattr(self.hparams, "lr_scheduler", None)
-        if sched is None or not hasattr(self, "optimizer"):
-            return self.optimizer.param_groups[0]["lr"] if hasattr(self, "optimizer") else None
-        _, new_lr = sched([self.optimizer], epoch, valid_loss)
-        return new_lr
+        if sched is not None:
+            sched([self.optimizer], epoch, valid_loss)
+        return self.optimizer.param_groups[0]["lr"]
 
     def _write_test_results(self):
         """Gather the per-utterance scores of all ranks; rank 0 writes the CSV and the summary.
@@ -514,11 +518,11 @@ class DiffSepBrain(SeparationBrain):
                 f"sde.num_sources={sde.num_sources} differs from num_spks={self.num_spks}; "
                 "build the SDE with num_sources: !ref <num_spks>"
             )
-        # The ScoreModel combines the backbone's output into complex spectra and inverts the STFT;
+        # The ScoreModel combines the NCSN++ output into complex spectra and inverts the STFT;
         # under autocast that part must get float32 (torch.complex rejects bfloat16).
-        backbone = getattr(self.modules.score_model, "backbone", None)
-        if isinstance(backbone, torch.nn.Module):
-            backbone.register_forward_hook(_float32_output)
+        for module in self.modules.score_model.modules():
+            if isinstance(module, NCSNpp):
+                module.register_forward_hook(_float32_output)
         decay = float(self.hparams.ema_decay)
         self.ema = AveragedModel(
             self.modules.score_model, multi_avg_fn=get_ema_multi_avg_fn(decay)
@@ -585,14 +589,19 @@ class ConvTasNetBrain(SeparationBrain):
     def estimate(self, mix, stage):
         """Network forward: (B,1,n) -> (B,K,n), float32."""
         n = mix.shape[-1]
+        # training goes through the DDP wrappers (gradient all-reduce); evaluation, whose shards
+        # may differ in size across ranks, uses the wrapped modules and no collective
+        mods = {name: self.modules[name] for name in ("encoder", "masknet", "decoder")}
+        if stage != sb.Stage.TRAIN:
+            mods = {name: getattr(m, "module", m) for name, m in mods.items()}
         with torch.autocast(
             device_type=self.device_type,
             dtype=self.network_dtype(stage),
             enabled=self.network_dtype(stage) != torch.float32,
         ):
-            w = self.modules.encoder(mix[:, 0])  # (B, frames, N)
-            mask = self.modules.masknet(w.transpose(1, 2))  # (K, B, N, frames)
-            est = self.modules.decoder(w, mask.permute(1, 3, 0, 2))  # (B, n', K)
+            w = mods["encoder"](mix[:, 0])  # (B, frames, N)
+            mask = mods["masknet"](w.transpose(1, 2))  # (K, B, N, frames)
+            est = mods["decoder"](w, mask.permute(1, 3, 0, 2))  # (B, n', K)
         est = est.float().transpose(1, 2)
         if est.shape[-1] < n:
             est = torch.nn.functional.pad(est, (0, n - est.shape[-1]))

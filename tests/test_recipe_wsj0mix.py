@@ -157,6 +157,29 @@ def test_every_yaml_key_is_used(yaml_path):
     assert unused == [], f"{yaml_path.name}: unused top-level keys {unused}"
 
 
+@pytest.mark.parametrize("yaml_path", YAMLS, ids=[p.name for p in YAMLS])
+def test_every_yaml_builds_its_brain(yaml_path, tmp_path):
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(yaml_path) as f:
+        hp = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path)})
+    brain = hp["brain_class"](modules=hp["modules"], opt_class=hp["optimizer"], hparams=hp,
+                              run_opts={"device": "cpu"}, checkpointer=hp["checkpointer"])
+    expected = "DiffSepBrain" if "diffsep" in yaml_path.name else "ConvTasNetBrain"
+    assert type(brain).__name__ == expected
+    assert brain.max_grad_norm == hp["max_grad_norm"] == 5.0
+    assert brain.grad_accumulation_factor == hp["grad_accumulation_factor"]
+    if expected == "DiffSepBrain":
+        assert brain.hparams.sde.num_sources == hp["num_spks"]
+        assert "ema" in hp["checkpointer"].recoverables
+    if yaml_path.name == "diffsep.yaml":  # the paper's set-up
+        n_params = sum(p.numel() for p in hp["score_model"].parameters())
+        assert n_params == 65_623_366
+        assert (hp["lr"], hp["ema_decay"], hp["batch_size"], hp["grad_accumulation_factor"]) == (2e-4, 0.999, 6, 2)
+        assert (hp["segment_seconds"], hp["sample_rate"], hp["loss_options"]["p_T"], hp["sde"].t_eps) == (5.0, 8000, 0.1, 0.03)
+        assert hp["separation_options"] == {"sampler": "pc", "num_steps": 30, "snr": 0.5, "corrector_steps": 1}
+
+
 def test_key_checker_catches_an_unused_key(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text((RECIPE / "hparams" / "diffsep_small.yaml").read_text() + "\nnot_read_anywhere: 3\n")
