@@ -258,7 +258,9 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(data_folder, tmp_path
     meta = yaml.safe_load((ckpt / "CKPT.yaml").read_text())
     epoch = int((ckpt / "counter.ckpt").read_text())
     step = yaml.safe_load((ckpt / "brain.ckpt").read_text())["step"]
-    expected = (epoch + 1, 1) if meta["end-of-epoch"] else (epoch, step + 1)
+    steps_per_epoch = N_TRAIN // 2  # batch 2, drop_last
+    last_of_epoch = meta["end-of-epoch"] or step == steps_per_epoch
+    expected = (epoch + 1, 1) if last_of_epoch else (epoch, step + 1)
     before, _ = _read_rank_log(log)
 
     _run(cmd)
