@@ -9,7 +9,9 @@ paper's set-up), nf = 128 and nf = 64, 2 threads.
     python benchmarks/forward_speed.py --nf 64 --compile    # torch.compile (slow first call)
 
 For comparison, the authors' code took 6.12 s (nf=128) and 1.54 s (nf=64) per forward on the
-2-core CPU this project is developed on.
+2-core CPU this project is developed on (unloaded). On a CPU shared with other jobs, OpenMP's
+spin-waiting makes 2 threads much slower than 1; run with ``OMP_WAIT_POLICY=PASSIVE`` there
+(it must be set before Python starts) and compare against a baseline measured the same way.
 """
 
 import argparse

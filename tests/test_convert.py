@@ -225,6 +225,7 @@ def test_errors_name_the_file(tmp_path, raw_ckpt):
         load_reference_checkpoint(bad)
     # EMA list that does not fit the state_dict
     short = tmp_path / "short_ema.ckpt"
-    torch.save({"state_dict": raw_ckpt["state_dict"], "ema": {"shadow_params": raw_ckpt["ema"]["shadow_params"][:-1]}}, short)
+    shadow = raw_ckpt["ema"]["shadow_params"][:-1]
+    torch.save({"state_dict": raw_ckpt["state_dict"], "ema": {"shadow_params": shadow}}, short)
     with pytest.raises(ValueError, match="short_ema.ckpt: ema.shadow_params has 646"):
         load_reference_checkpoint(short)
