@@ -108,38 +108,68 @@ def run_oracle(args):
     return rows
 
 
-def run_model(args):
-    import csv
-
+def _score_model_runs(model, utts, run, label, args):
+    """Average SI-SDR (and PESQ/ESTOI with --pesq) of ``run(mix [1, T], seed) -> [1, T, K]``."""
     import soundfile as sf
 
-    from speechbrain_diffsep.inference import DiffSepSeparation
-    from speechbrain_diffsep.metrics import best_permutation, estoi_score, pesq_score
+    from speechbrain_diffsep.metrics import apply_permutation, best_permutation, estoi_score, pesq_score
+
+    scores, pesqs, estois, nfes, t0 = [], [], [], [], time.time()
+    for i, u in enumerate(utts):
+        mix, fs = sf.read(u["mix_wav"], dtype="float32")
+        refs = torch.stack([torch.from_numpy(sf.read(u[f"s{k + 1}_wav"], dtype="float32")[0]) for k in range(2)])
+        mix_t = torch.from_numpy(mix)[None]
+        if model is not None:
+            model.last_nfe = 0
+        est = run(mix_t, i)[0].T[None]  # (1, K, T)
+        nfes.append(model.last_nfe if model is not None else 0)
+        est = apply_permutation(est, best_permutation(est, refs[None]))[0]
+        scores.append(float((si_sdr(est, refs) - si_sdr(mix_t.expand(2, -1), refs)).mean()))
+        if args.pesq:
+            pesqs.append(float(pesq_score(est, refs, fs).mean()))
+            estois.append(float(estoi_score(est, refs, fs).mean()))
+    row = dict(method=label, nfe=sum(nfes) / len(nfes), si_sdri=sum(scores) / len(scores), seconds=time.time() - t0)
+    if pesqs:
+        row.update(pesq=sum(pesqs) / len(pesqs), estoi=sum(estois) / len(estois))
+    print(row, flush=True)
+    return row
+
+
+def run_model(args):
+    """SI-SDRi vs NFE of every sampler on a trained model; optional refiner and consistency rows."""
+    import csv
+
+    from speechbrain_diffsep.inference import DiffSepSeparation, _load_separator
 
     model = DiffSepSeparation.from_hparams(source=args.model, savedir=args.model)
     with open(args.data) as f:
         utts = list(csv.DictReader(f))[: args.n_utts]
+    grid = {k: v for k, v in GRID.items() if not args.samplers or k in args.samplers}
+    if args.max_nfe:
+        grid = {k: [n for n in v if n * 2 <= args.max_nfe + 2] for k, v in grid.items()}
     rows = []
-    for name, steps_list in GRID.items():
+    for name, steps_list in grid.items():
         for steps in steps_list:
-            scores, pesqs, estois, nfe, t0 = [], [], [], 0, time.time()
-            for i, u in enumerate(utts):
-                mix, fs = sf.read(u["mix_wav"], dtype="float32")
-                refs = torch.stack([torch.from_numpy(sf.read(u[f"s{k + 1}_wav"], dtype="float32")[0]) for k in range(2)])
-                est = model.separate_batch(torch.from_numpy(mix)[None], sampler=name, num_steps=steps, seed=i)
-                est = est[0].T
-                perm = best_permutation(est[None], refs[None])[0]
-                est = est[list(perm)]
-                scores.append(float(si_sdr(est, refs).mean()))
-                if args.pesq:
-                    pesqs.append(float(sum(pesq_score(est[k], refs[k], fs) for k in range(2)) / 2))
-                    estois.append(float(sum(estoi_score(est[k], refs[k], fs) for k in range(2)) / 2))
-                nfe = getattr(model, "last_nfe", nfe)
-            row = dict(sampler=name, steps=steps, nfe=nfe, si_sdr=sum(scores) / len(scores), seconds=time.time() - t0)
-            if pesqs:
-                row.update(pesq=sum(pesqs) / len(pesqs), estoi=sum(estois) / len(estois))
-            rows.append(row)
-            print(row)
+            def run(mix, seed, name=name, steps=steps):
+                return model.separate_batch(mix, sampler=name, num_steps=steps, seed=seed)
+
+            rows.append(dict(sampler=name, steps=steps, **_score_model_runs(model, utts, run, f"{name}-{steps}", args)))
+            if args.consistency:
+                def run_c(mix, seed, name=name, steps=steps):
+                    return model.separate_batch(mix, sampler=name, num_steps=steps, seed=seed, consistency=True)
+
+                rows.append(dict(sampler=name + "+mc", steps=steps, **_score_model_runs(model, utts, run_c, f"{name}-{steps}+mc", args)))
+    if args.init_model:
+        sep = _load_separator(args.init_model)
+        rows.append(dict(sampler="init-only", steps=0, **_score_model_runs(None, utts, lambda m, s: sep.separate_batch(m), "initial separator alone", args)))
+        for t_start in args.t_starts:
+            model.set_initial_separator(sep, t_start=t_start)
+            for steps in (2, 3, 5):
+                def run_r(mix, seed, steps=steps):
+                    return model.separate_batch(mix, sampler=args.refine_sampler, num_steps=steps, seed=seed)
+
+                rows.append(dict(sampler=f"refine@{t_start}", steps=steps, **_score_model_runs(model, utts, run_r, f"refine t={t_start} {steps}", args)))
+        model.set_initial_separator(None)
     return rows
 
 
@@ -156,12 +186,13 @@ def write_outputs(rows, out, title):
     import matplotlib.pyplot as plt
 
     plt.figure(figsize=(6, 4))
-    for name in GRID:
+    ykey = "si_sdr" if "si_sdr" in rows[0] else "si_sdri"
+    for name in dict.fromkeys(r["sampler"] for r in rows):
         rs = [r for r in rows if r["sampler"] == name]
-        plt.plot([r["nfe"] for r in rs], [r["si_sdr"] for r in rs], marker="o", label=name)
+        plt.plot([max(r["nfe"], 0.8) for r in rs], [r[ykey] for r in rs], marker="o", label=name)
     plt.xscale("log")
     plt.xlabel("network calls (NFE)")
-    plt.ylabel("SI-SDR (dB)")
+    plt.ylabel("SI-SDR (dB)" if ykey == "si_sdr" else "SI-SDRi (dB)")
     plt.title(title)
     plt.grid(alpha=0.3)
     plt.legend()
@@ -179,7 +210,13 @@ def main():
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--n-utts", type=int, default=10)
-    p.add_argument("--pesq", action="store_true")
+    p.add_argument("--pesq", action="store_true", help="also PESQ and ESTOI (model mode)")
+    p.add_argument("--samplers", nargs="*", help="subset of samplers (model mode)")
+    p.add_argument("--max-nfe", type=int, help="skip step counts above about this many network calls")
+    p.add_argument("--consistency", action="store_true", help="also rows with mixture consistency")
+    p.add_argument("--init-model", help="SepformerSeparation folder (e.g. Conv-TasNet) for refiner rows")
+    p.add_argument("--t-starts", type=float, nargs="*", default=[0.2, 0.4, 0.6])
+    p.add_argument("--refine-sampler", default="ode")
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.problem == "oracle":

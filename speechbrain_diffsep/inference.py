@@ -57,6 +57,7 @@ DEFAULTS = {
     "overlap_seconds": 1.0,
     "crossfade": "hann",
     "t_start": None,
+    "consistency": False,
     "init_separator": None,
 }
 """Sampling defaults used when ``hyperparams.yaml`` does not set them."""
@@ -381,7 +382,7 @@ class _DiffSepInterface(Pretrained):
         return p.dtype if p is not None else torch.float32
 
     def _separate(self, mix, sampler=None, num_steps=None, seed=None, chunk_seconds=None,
-                  overlap_seconds=None, sampler_options=None):
+                  overlap_seconds=None, sampler_options=None, consistency=None):
         """(batch, 1, time) -> (batch, K, time) on the model's device and dtype."""
         name, steps, generator, opts = self._sampling_plan(sampler, num_steps, seed, sampler_options or {})
         chunk = self._hparam("chunk_seconds") if chunk_seconds is None else chunk_seconds
@@ -390,6 +391,7 @@ class _DiffSepInterface(Pretrained):
         else:
             overlap = overlap_seconds
         model, sde = self.mods.score_model, self.hparams.sde
+        mix_consistency = self._hparam("consistency") if consistency is None else consistency
         self.last_nfe = 0
 
         def separate_fn(piece):
@@ -398,7 +400,8 @@ class _DiffSepInterface(Pretrained):
                 opts["init"] = init
                 opts["t_start"] = self._hparam("t_start") or 0.5
             try:
-                est, nfe = separate_mixture(model, sde, piece, sampler=name, num_steps=steps, generator=generator, **opts)
+                est, nfe = separate_mixture(model, sde, piece, sampler=name, num_steps=steps, generator=generator,
+                                            consistency=bool(mix_consistency), **opts)
             except TypeError as err:
                 if "unexpected keyword argument" not in str(err):
                     raise
@@ -438,7 +441,7 @@ class DiffSepSeparation(_DiffSepInterface):
     """
 
     def separate_batch(self, mix, *, sampler=None, num_steps=None, seed=None, chunk_seconds=None,
-                       overlap_seconds=None, **sampler_options):
+                       overlap_seconds=None, consistency=None, **sampler_options):
         """Separate a batch of mixtures.
 
         Arguments
@@ -448,6 +451,8 @@ class DiffSepSeparation(_DiffSepInterface):
         sampler, num_steps, seed, chunk_seconds, overlap_seconds :
             Per-call overrides of the yaml's sampling options (``seed`` makes the result
             deterministic; ``chunk_seconds`` processes long input in chunks).
+        consistency : bool, optional
+            Project the estimates so that they sum to the mixture (default: the yaml's, False).
         **sampler_options :
             Extra options of the sampler (e.g. ``snr=0.5``, ``dt="reference"`` for "pc").
 
@@ -458,7 +463,7 @@ class DiffSepSeparation(_DiffSepInterface):
             least-squares gain onto the mixture.
         """
         est = self._separate(self._prepare_batch(mix), sampler, num_steps, seed, chunk_seconds,
-                             overlap_seconds, sampler_options)
+                             overlap_seconds, sampler_options, consistency)
         return est.transpose(1, 2)
 
     def separate_file(self, path, savedir=None, **kwargs):

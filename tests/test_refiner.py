@@ -65,3 +65,11 @@ def test_cli_refine_self(sep_folder, tmp_path):  # noqa: F811
                               "--sampler", "ode", "--refine", "self", "--t-start", "0.4", "--quiet"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["m_s1.wav", "m_s2.wav"]
+
+
+def test_mixture_consistency_option(separator):  # noqa: F811
+    mix = 0.1 * torch.randn(1, 3000, generator=torch.Generator().manual_seed(3))
+    est = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0, consistency=True)
+    assert torch.allclose(est.sum(-1), mix, atol=1e-5)
+    plain = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+    assert not torch.allclose(plain.sum(-1), mix, atol=1e-3)
