@@ -41,29 +41,49 @@ def parse_args(argv=None):
     parser.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto",
                         help="U-Net memory format (auto: channels_last on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--separate", metavar="SAMPLER:STEPS", nargs="*", default=[],
+                        help="also time a whole separation of the input, e.g. pc:30 ode:5 (end to end)")
     return parser.parse_args(argv)
 
 
 def time_forward(nf, args):
     """Median seconds per forward for one width, and the output (for sanity checks)."""
     torch.manual_seed(0)
-    model = ScoreModel(num_sources=args.num_sources, nf=nf).eval()
+    model = ScoreModel(num_sources=args.num_sources, nf=nf).eval().to(args.device)
     model.backbone.channels_last = {"auto": None, "channels_last": True, "contiguous": False}[args.memory_format]
     if args.compile:
         model.backbone = torch.compile(model.backbone)
     n = int(round(args.seconds * args.sample_rate))
     g = torch.Generator().manual_seed(1)
-    y = torch.randn(args.batch, 1, n, generator=g)
-    x = y / args.num_sources + 0.3 * torch.randn(args.batch, args.num_sources, n, generator=g)
-    t = torch.full((args.batch,), 0.5)
+    y = torch.randn(args.batch, 1, n, generator=g).to(args.device)
+    x = y / args.num_sources + 0.3 * torch.randn(args.batch, args.num_sources, n, generator=g).to(args.device)
+    t = torch.full((args.batch,), 0.5, device=args.device)
     times, cpu_times = [], []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+    dev_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    with torch.no_grad(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
         for i in range(args.warmup + args.repeats):
             start, cpu_start = time.perf_counter(), time.process_time()
             out = model(x, t, y)
+            if dev_type == "cuda":
+                torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
+    for spec in args.separate:
+        name, _, steps = spec.partition(":")
+        from speechbrain_diffsep.pipeline import separate_mixture
+        from speechbrain_diffsep.sde import MixingSDE
+
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            est, nfe = separate_mixture(model, MixingSDE(num_sources=args.num_sources), y, sampler=name,
+                                        num_steps=int(steps) if steps else None,
+                                        generator=torch.Generator(device=args.device).manual_seed(0))
+        if dev_type == "cuda":
+            torch.cuda.synchronize()
+        print(f"nf={nf}: separating {args.seconds:g} s with {name} ({nfe} network calls) took "
+              f"{time.perf_counter() - start:.2f} s end to end")
     return times, cpu_times, out
 
 
