@@ -570,6 +570,18 @@ class DiffSepBrain(SeparationBrain):
 
 
 # --------------------------------------------------------------------------- Conv-TasNet
+def conv_tasnet_forward(encoder, masknet, decoder, mix):
+    """SpeechBrain's Conv-TasNet lobes: mixtures (B, n) -> estimates (B, K, n), float32."""
+    n = mix.shape[-1]
+    w = encoder(mix)  # (B, frames, N)
+    mask = masknet(w.transpose(1, 2))  # (K, B, N, frames)
+    est = decoder(w, mask.permute(1, 3, 0, 2))  # (B, n', K)
+    est = est.float().transpose(1, 2)
+    if est.shape[-1] < n:
+        est = torch.nn.functional.pad(est, (0, n - est.shape[-1]))
+    return est[..., :n]
+
+
 class ConvTasNetBrain(SeparationBrain):
     """Conv-TasNet baseline from SpeechBrain's lobes (``speechbrain.lobes.models.conv_tasnet``).
 
@@ -588,7 +600,6 @@ class ConvTasNetBrain(SeparationBrain):
 
     def estimate(self, mix, stage):
         """Network forward: (B,1,n) -> (B,K,n), float32."""
-        n = mix.shape[-1]
         # training goes through the DDP wrappers (gradient all-reduce); evaluation, whose shards
         # may differ in size across ranks, uses the wrapped modules and no collective
         mods = {name: self.modules[name] for name in ("encoder", "masknet", "decoder")}
@@ -599,13 +610,7 @@ class ConvTasNetBrain(SeparationBrain):
             dtype=self.network_dtype(stage),
             enabled=self.network_dtype(stage) != torch.float32,
         ):
-            w = mods["encoder"](mix[:, 0])  # (B, frames, N)
-            mask = mods["masknet"](w.transpose(1, 2))  # (K, B, N, frames)
-            est = mods["decoder"](w, mask.permute(1, 3, 0, 2))  # (B, n', K)
-        est = est.float().transpose(1, 2)
-        if est.shape[-1] < n:
-            est = torch.nn.functional.pad(est, (0, n - est.shape[-1]))
-        return est[..., :n]
+            return conv_tasnet_forward(mods["encoder"], mods["masknet"], mods["decoder"], mix[:, 0])
 
     def training_losses(self, mix, sources):
         est = self.estimate(mix, sb.Stage.TRAIN)

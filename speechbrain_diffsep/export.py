@@ -347,6 +347,53 @@ def export_from_recipe(output_folder, out_dir, ckpt="best", hparams=None, metric
     return Path(out_dir)
 
 
+def export_separator_from_recipe(output_folder, out_dir, ckpt="best", metric=None):
+    """Export a Conv-TasNet recipe run as a :class:`~speechbrain_diffsep.inference.ConvTasNetSeparation`
+    folder (``encoder``/``masknet``/``decoder`` checkpoints + ``hyperparams.yaml``)."""
+    import shutil
+
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    output_folder = Path(output_folder)
+    recipe_yaml = output_folder / HPARAMS_FILE
+    if not recipe_yaml.is_file():
+        raise ExportError(f"--from-recipe {output_folder}: no {HPARAMS_FILE} (SpeechBrain copies the recipe yaml there)")
+    with open(recipe_yaml, encoding="utf-8") as f:
+        rec = _load_rt(resolve_references(f).getvalue(), str(recipe_yaml))
+    names = ("encoder", "masknet", "decoder")
+    ckpts = [c for c in Checkpointer(str(output_folder / "save")).list_checkpoints()
+             if all((Path(c.path) / f"{n}.ckpt").is_file() for n in names)]
+    if not ckpts:
+        raise ExportError(f"--from-recipe {output_folder}: no checkpoint with {', '.join(n + '.ckpt' for n in names)}")
+    chosen = select_checkpoint(ckpts, ckpt, metric)
+    doc = _yaml().load("interface: ConvTasNetSeparation\n")
+    doc["sample_rate"] = int(rec["sample_rate"])
+    doc["num_spks"] = int(rec["num_spks"])
+    for n in names:
+        _drop_anchors(rec[n])
+        doc[n] = rec[n]
+    doc["modules"] = {n: _ref(n) for n in names}
+    doc["pretrainer"] = _load_rt(
+        "pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer\n  loadables:\n"
+        + "".join(f"    {n}: !ref <{n}>\n" for n in names), "template")["pretrainer"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HPARAMS_FILE).write_text(_dump(doc), encoding="utf-8")
+    for n in names:
+        shutil.copyfile(Path(chosen.path) / f"{n}.ckpt", out / f"{n}.ckpt")
+    meta = {k: v for k, v in chosen.meta.items() if isinstance(v, (int, float, str))}
+    (out / "export_info.json").write_text(json.dumps(
+        {"task": "separation", "interface": "ConvTasNetSeparation", "source": str(output_folder.resolve()),
+         "checkpoint": str(Path(chosen.path).resolve()), "checkpoint_meta": meta,
+         "sample_rate": doc["sample_rate"], "num_spks": doc["num_spks"], "nf": None}, indent=2))
+    return out
+
+
+def _is_conv_tasnet_run(output_folder):
+    path = Path(output_folder) / HPARAMS_FILE
+    return path.is_file() and "masknet:" in path.read_text(encoding="utf-8") and "score_model:" not in path.read_text(encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- command line
 def build_parser():
     p = argparse.ArgumentParser(
@@ -369,7 +416,9 @@ def main(argv=None):
     """Entry point; returns the exit status (0, or 1 with a one-line error on stderr)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.from_recipe:
+        if args.from_recipe and _is_conv_tasnet_run(args.from_recipe):
+            out = export_separator_from_recipe(args.from_recipe, args.out, args.ckpt, args.metric)
+        elif args.from_recipe:
             out = export_from_recipe(args.from_recipe, args.out, args.ckpt, args.hparams, args.metric, not args.no_ema)
         else:
             out = export_from_reference(args.from_reference, args.out, args.hparams)
@@ -377,7 +426,7 @@ def main(argv=None):
         print(f"export: error: {_one_line(err)}", file=sys.stderr)
         return 1
     info = json.loads((Path(out) / "export_info.json").read_text())
-    print(f"wrote {out} ({info['task']}, {info['sample_rate']} Hz, K={info['num_spks']}, nf={info['nf']})")
+    print(f"wrote {out} ({info.get('interface', info['task'])}, {info['sample_rate']} Hz, K={info['num_spks']}, nf={info['nf']})")
     return 0
 
 

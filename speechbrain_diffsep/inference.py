@@ -234,15 +234,51 @@ def _looks_local(source):
     return Path(s).expanduser().exists() or s.startswith((".", "/", "~")) or s.count("/") != 1
 
 
+class ConvTasNetSeparation(Pretrained):
+    """A Conv-TasNet trained by this project's recipes (SpeechBrain's ``conv_tasnet`` lobes).
+
+    Same usage as ``SepformerSeparation`` (``separate_batch(mix [B, T]) -> [B, T, K]``,
+    ``separate_file``); the refiner mode of :class:`DiffSepSeparation` can start from it. Model
+    folders are written by ``python -m speechbrain_diffsep.export --from-recipe <convtasnet run>``.
+    """
+
+    MODULES_NEEDED = ["encoder", "masknet", "decoder"]
+    HPARAMS_NEEDED = ["num_spks", "sample_rate"]
+
+    def separate_batch(self, mix):
+        """[batch, time] mixtures -> [batch, time, K] estimates."""
+        from .brain import conv_tasnet_forward
+
+        if not torch.is_tensor(mix) or mix.dim() != 2:
+            raise ValueError(f"mix must be a tensor shaped [batch, time], got {getattr(mix, 'shape', type(mix).__name__)}")
+        check_waveform(mix, "mix")
+        with torch.no_grad():
+            est = conv_tasnet_forward(self.mods.encoder, self.mods.masknet, self.mods.decoder, mix.to(self.device).float())
+        return est.transpose(1, 2)
+
+    def separate_file(self, path, savedir=None):
+        """Separate an audio file (mono, resampled to the model's rate); peak-normalized [1, T, K]."""
+        wav, _ = read_audio(_local_audio_path(path, savedir), self.hparams.sample_rate)
+        est = self.separate_batch(wav)
+        peak = est.abs().amax(dim=1, keepdim=True)
+        return torch.where(peak > 0, est / torch.where(peak > 0, peak, torch.ones_like(peak)), est)
+
+    def forward(self, mix):
+        return self.separate_batch(mix)
+
+
 def _load_separator(folder, device="cpu"):
-    """Load a SpeechBrain separation folder (SepformerSeparation layout: encoder/masknet/decoder)."""
+    """Load a SpeechBrain separation folder: a :class:`ConvTasNetSeparation` folder of this project
+    (its yaml names ``interface: ConvTasNetSeparation``) or any ``SepformerSeparation`` folder."""
     from speechbrain.inference.separation import SepformerSeparation
 
     folder = Path(folder)
     if not (folder / HPARAMS_FILE).is_file():
         raise ValueError(f"initial separator {folder}: no {HPARAMS_FILE} (expected a SepformerSeparation model folder)")
+    text = (folder / HPARAMS_FILE).read_text(encoding="utf-8", errors="replace")
+    cls = ConvTasNetSeparation if "interface: ConvTasNetSeparation" in text else SepformerSeparation
     try:
-        return SepformerSeparation.from_hparams(source=str(folder), savedir=str(folder), run_opts={"device": device})
+        return cls.from_hparams(source=str(folder), savedir=str(folder), run_opts={"device": device})
     except Exception as err:
         raise ValueError(f"initial separator {folder}: could not load it ({type(err).__name__}: {_one_line(err)})") from None
 

@@ -73,3 +73,59 @@ def test_mixture_consistency_option(separator):  # noqa: F811
     assert torch.allclose(est.sum(-1), mix, atol=1e-5)
     plain = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
     assert not torch.allclose(plain.sum(-1), mix, atol=1e-3)
+
+
+TINY_CTN = """\
+sample_rate: 8000
+num_spks: 2
+encoder: !new:speechbrain.lobes.models.conv_tasnet.Encoder
+    L: 8
+    N: 16
+masknet: !new:speechbrain.lobes.models.conv_tasnet.MaskNet
+    N: 16
+    B: 8
+    H: 8
+    P: 3
+    X: 1
+    R: 1
+    C: 2
+    norm_type: gLN
+    causal: False
+    mask_nonlinear: relu
+decoder: !new:speechbrain.lobes.models.conv_tasnet.Decoder
+    L: 8
+    N: 16
+modules:
+    encoder: !ref <encoder>
+    masknet: !ref <masknet>
+    decoder: !ref <decoder>
+"""
+
+
+def test_conv_tasnet_recipe_exports_to_a_separator_that_seeds_diffsep(separator, tmp_path):  # noqa: F811
+    from hyperpyyaml import load_hyperpyyaml
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from speechbrain_diffsep import export
+    from speechbrain_diffsep.brain import conv_tasnet_forward
+
+    run = tmp_path / "ctn_run"
+    (run / "save").mkdir(parents=True)
+    (run / "hyperparams.yaml").write_text(TINY_CTN)
+    hp = load_hyperpyyaml(TINY_CTN)
+    Checkpointer(str(run / "save"), recoverables=hp["modules"]).save_checkpoint(meta={"si_sdr": 1.0})
+    assert export.main(["--from-recipe", str(run), "--out", str(tmp_path / "ctn")]) == 0
+    sep = inference._load_separator(tmp_path / "ctn")
+    assert isinstance(sep, inference.ConvTasNetSeparation)
+    mix = 0.1 * torch.randn(2, 3000, generator=torch.Generator().manual_seed(4))
+    est = sep.separate_batch(mix)
+    with torch.no_grad():
+        direct = conv_tasnet_forward(hp["encoder"], hp["masknet"], hp["decoder"], mix).transpose(1, 2)
+    assert est.shape == (2, 3000, 2) and torch.allclose(est, direct, atol=1e-6)
+    separator.set_initial_separator(sep, t_start=0.2)
+    try:
+        out = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+    finally:
+        separator.set_initial_separator(None)
+        separator.hparams.t_start = None
+    assert out.shape == (2, 3000, 2) and torch.isfinite(out).all()
