@@ -1,0 +1,413 @@
+"""What every recipe's ``train.py`` shares: data sets from the CSVs, the run, the enhancement test stage.
+
+A recipe's ``train.py`` only says how to prepare its data (a function of the hparams that writes
+``train.csv``, ``valid.csv``, ``test.csv``) and which CSV columns hold the mixture and the sources;
+:func:`run_recipe` does the rest, SpeechBrain style (everything tunable lives in the yaml):
+
+1. parse the command line, load the yaml (an unknown override is hyperpyyaml's error naming it);
+2. initialise DDP, check the data folder (one-line error), create the experiment folder;
+3. prepare the data on the main process, build the data sets (:func:`dataio_prep`);
+4. build the Brain named by ``brain_class``, train (``fit``, skipped with ``test_only``) and test the
+   best checkpoint by validation SI-SDR.
+
+:func:`cli_main` turns a missing data / model folder into one ``error: ...`` line without traceback.
+
+Data pipeline: every signal of an utterance gets the same random crop of ``segment_seconds``
+(training only; zero-padded when shorter); batches provide ``mix_sig`` and ``s1_sig`` ...
+``s<K>_sig`` as :class:`~speechbrain_diffsep.brain.SeparationBrain` expects. With
+``residual_target=True`` the last target is the mixture minus the other targets (enhancement:
+``[clean, noisy - clean]``).
+
+Also here: :func:`load_model_folder` (a pretrained model, from ``python -m
+speechbrain_diffsep.export`` or a recipe's output folder, for test-only runs such as the paper's
+cross-domain evaluation), and the enhancement test stage: :class:`EnhancementMetricStats` and
+:class:`DiffSepEnhancementBrain`.
+"""
+
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+import speechbrain as sb
+from speechbrain.utils.distributed import run_on_main
+
+from .brain import DiffSepBrain, available_metrics
+from .metrics import DEFAULT_METRICS, SeparationMetricStats, evaluate_separation, si_sdr
+
+SPLITS = ("train", "valid", "test")
+
+
+class RecipeError(ValueError):
+    """A one-line problem with a recipe's input (printed without traceback by :func:`cli_main`)."""
+
+
+# --------------------------------------------------------------------------- data
+def check_data_folder(data_folder, hint):
+    """Raise ``FileNotFoundError`` (one line, ending with ``hint``) if the folder is missing.
+
+    Example
+    -------
+    >>> try:
+    ...     check_data_folder("/no/such/folder", "pass --data_folder=<...>")
+    ... except FileNotFoundError as err:
+    ...     print(err)
+    data_folder '/no/such/folder' does not exist; pass --data_folder=<...>
+    """
+    if data_folder is None or not os.path.isdir(str(data_folder)):
+        raise FileNotFoundError(f"data_folder {str(data_folder)!r} does not exist; {hint}")
+    return str(data_folder)
+
+
+def signal_keys(num_targets):
+    """Names of the signals a batch provides: ``["mix_sig", "s1_sig", ..., "s<K>_sig"]``.
+
+    Example
+    -------
+    >>> signal_keys(2)
+    ['mix_sig', 's1_sig', 's2_sig']
+    """
+    return ["mix_sig"] + [f"s{k}_sig" for k in range(1, num_targets + 1)]
+
+
+def random_crop(duration, sample_rate, segment):
+    """``(start, stop)`` of a random crop of ``segment`` samples (``(0, None)``: the whole file)."""
+    if segment is None:
+        return 0, None
+    n = int(round(float(duration) * sample_rate))
+    if n <= segment:
+        return 0, None
+    start = int(torch.randint(0, n - segment + 1, (1,)))
+    return start, start + segment
+
+
+def read_crop(path, start, stop, segment):
+    """Read ``path[start:stop]`` (all of it if ``stop`` is None), zero-padded to ``segment``."""
+    if stop is None:
+        sig = sb.dataio.dataio.read_audio(path)
+    else:
+        sig = sb.dataio.dataio.read_audio({"file": path, "start": start, "stop": stop})
+    if segment is not None and sig.shape[-1] < segment:
+        sig = torch.nn.functional.pad(sig, (0, segment - sig.shape[-1]))
+    return sig
+
+
+def audio_pipeline(mixture, sources, sample_rate, segment=None, residual_target=False):
+    """A SpeechBrain dynamic item: CSV paths -> ``mix_sig, s1_sig, ... s<K>_sig``.
+
+    Arguments
+    ---------
+    mixture : str
+        CSV column of the mixture (``"mix_wav"``, ``"noisy_wav"``).
+    sources : list of str
+        CSV columns of the targets, in order.
+    sample_rate : int
+        Rate of the files (to turn the CSV's ``duration`` into samples).
+    segment : int, optional
+        Crop length in samples: all signals get the same random crop (zero-padded at the end if
+        the utterance is shorter). ``None`` reads whole utterances.
+    residual_target : bool
+        Append a last target ``mix - sum(sources)`` (K = len(sources) + 1).
+    """
+    keys = signal_keys(len(sources) + int(residual_target))
+
+    @sb.utils.data_pipeline.takes("duration", mixture, *sources)
+    @sb.utils.data_pipeline.provides(*keys)
+    def pipeline(duration, mix_path, *source_paths):
+        start, stop = random_crop(duration, sample_rate, segment)
+        mix = read_crop(mix_path, start, stop, segment)
+        yield mix
+        rest = mix
+        for path in source_paths:
+            sig = read_crop(path, start, stop, segment)
+            if sig.shape != mix.shape:
+                raise ValueError(f"{path} has {sig.shape[-1]} samples but the mixture {mix_path} {mix.shape[-1]}")
+            rest = rest - sig
+            yield sig
+        if residual_target:
+            yield rest
+
+    return pipeline
+
+
+def dataio_prep(hparams, mixture="mix_wav", sources=None, residual_target=False, splits=SPLITS):
+    """``{split: DynamicItemDataset}`` from the CSVs of the data preparation.
+
+    hparams used: ``train_data``, ``valid_data``, ``test_data`` (CSV paths of the splits asked
+    for), ``num_spks`` (K, the number of targets), ``sample_rate`` and, for the training split,
+    ``segment_seconds`` (random crops; ``null`` for whole utterances).
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded yaml.
+    mixture : str
+        CSV column of the mixture.
+    sources : list of str, optional
+        CSV columns of the targets; default ``s1_wav ... s<K>_wav``.
+    residual_target : bool
+        The last target is the mixture minus the others (see :func:`audio_pipeline`).
+    splits : sequence of str
+        Which of ``train``, ``valid``, ``test`` to build.
+    """
+    num_spks, sr = int(hparams["num_spks"]), int(hparams["sample_rate"])
+    if sources is None:
+        sources = [f"s{k}_wav" for k in range(1, num_spks + 1 - int(residual_target))]
+    sources = list(sources)
+    if len(sources) + int(residual_target) != num_spks:
+        raise ValueError(
+            f"num_spks={num_spks} but the recipe reads {len(sources)} target column(s) {sources}"
+            f"{' plus a residual target' if residual_target else ''}; fix num_spks in the yaml"
+        )
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"splits must be among {SPLITS}, got {unknown}")
+    csvs = {"train": lambda: hparams["train_data"], "valid": lambda: hparams["valid_data"],
+            "test": lambda: hparams["test_data"]}
+    datasets = {}
+    for split in splits:
+        segment = None
+        if split == "train" and hparams["segment_seconds"] is not None:
+            segment = int(round(float(hparams["segment_seconds"]) * sr))
+        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=csvs[split]())
+        ds.add_dynamic_item(audio_pipeline(mixture, sources, sr, segment, residual_target))
+        ds.set_output_keys(["id"] + signal_keys(num_spks))
+        datasets[split] = ds
+    return datasets
+
+
+# --------------------------------------------------------------------------- run
+def load_recipe_hparams(argv=None):
+    """``(hparams_file, hparams, run_opts, overrides)`` from the command line (``sys.argv[1:]``)."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    return hparams_file, hparams, run_opts, overrides
+
+
+def build_brain(hparams, run_opts):
+    """The Brain of ``brain_class`` with the yaml's ``modules``, ``optimizer`` and ``checkpointer``
+    (the last two may be absent, e.g. in a test-only yaml)."""
+    return hparams["brain_class"](
+        modules=hparams["modules"],
+        opt_class=hparams["optimizer"] if "optimizer" in hparams else None,
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"] if "checkpointer" in hparams else None,
+    )
+
+
+def run_recipe(argv, prepare, data_hint, mixture="mix_wav", sources=None, residual_target=False):
+    """Parse, load the yaml, prepare the data (main process), build the Brain, train, test.
+
+    Arguments
+    ---------
+    argv : list of str, optional
+        Command line (``sys.argv[1:]`` if None): ``hparams.yaml --key=value ...``.
+    prepare : callable
+        ``prepare(hparams)`` writes the CSVs named by ``train_data``/``valid_data``/``test_data``.
+    data_hint : str
+        How to fix ``--data_folder``, for the one-line error when it does not exist.
+    mixture, sources, residual_target
+        CSV columns, see :func:`dataio_prep`.
+
+    Returns
+    -------
+    The Brain, after its test stage (``brain.test_summary`` holds the metrics).
+    """
+    hparams_file, hparams, run_opts, overrides = load_recipe_hparams(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    check_data_folder(hparams["data_folder"], data_hint)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    run_on_main(prepare, args=[hparams])
+    brain = build_brain(hparams, run_opts)
+    splits = ("test",) if brain.test_only else SPLITS
+    datasets = dataio_prep(hparams, mixture, sources, residual_target, splits=splits)
+    if not brain.test_only:
+        brain.fit(
+            brain.hparams.epoch_counter,
+            datasets["train"],
+            datasets["valid"],
+            train_loader_kwargs=hparams["train_dataloader_opts"],
+            valid_loader_kwargs=hparams["valid_dataloader_opts"],
+        )
+    brain.evaluate(datasets["test"], max_key="si_sdr", test_loader_kwargs=hparams["test_dataloader_opts"])
+    return brain
+
+
+def cli_main(main, argv=None):
+    """Run ``main(argv)``; a missing/bad data or model folder exits with one ``error: ...`` line."""
+    try:
+        return main(argv)
+    except (FileNotFoundError, RecipeError) as err:
+        sys.exit(f"error: {err}")
+
+
+# --------------------------------------------------------------------------- pretrained models
+def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
+    """The score network and SDE of a pretrained model, for a test-only recipe run.
+
+    Arguments
+    ---------
+    folder : str
+        A model folder (``hyperparams.yaml`` + ``score_model.ckpt``, from ``python -m
+        speechbrain_diffsep.export``) or a recipe's output folder (``hyperparams.yaml`` +
+        ``save/CKPT+*``), whose best checkpoint (validation SI-SDR) is first exported, EMA
+        weights included, to ``savedir``.
+    savedir : str
+        Where a recipe output folder is exported to.
+    sample_rate, num_spks : int, optional
+        Raise if the model was made for another rate / number of sources.
+
+    Returns
+    -------
+    dict with ``score_model`` (weights loaded), ``sde``, ``sample_rate``, ``num_spks``, ``folder``
+    (the model folder used).
+    """
+    from .export import ExportError, export_from_recipe
+    from .inference import CHECKPOINT_FILE, HPARAMS_FILE, check_model_folder, load_checkpoint_strict
+
+    fix = "pass --pretrained_folder=<a model folder from python -m speechbrain_diffsep.export, or a recipe's output folder>"
+    path = Path(str(folder))
+    if not path.is_dir():
+        raise FileNotFoundError(f"pretrained_folder {str(folder)!r} does not exist; {fix}")
+    try:
+        if not (path / CHECKPOINT_FILE).is_file() and (path / "save").is_dir():
+            path = export_from_recipe(path, Path(savedir), ckpt="best")
+        check_model_folder(path)
+        with open(path / HPARAMS_FILE, encoding="utf-8") as f:
+            hp = load_hyperpyyaml(f)
+        load_checkpoint_strict(hp["score_model"], path / CHECKPOINT_FILE)
+    except (ExportError, ValueError, KeyError) as err:
+        raise RecipeError(f"pretrained_folder {str(folder)!r}: {err}; {fix}") from None
+    model = {"score_model": hp["score_model"], "sde": hp["sde"], "sample_rate": int(hp["sample_rate"]),
+             "num_spks": int(hp["num_spks"]), "folder": str(path)}
+    for name, want in (("sample_rate", sample_rate), ("num_spks", num_spks)):
+        if want is not None and int(want) != model[name]:
+            raise RecipeError(
+                f"pretrained_folder {str(folder)!r} holds a model with {name}={model[name]}, "
+                f"but the yaml has {name}={want}; use a matching model or data"
+            )
+    return model
+
+
+# --------------------------------------------------------------------------- enhancement
+class EnhancementMetricStats(SeparationMetricStats):
+    """Enhancement scores: the clean estimate and the noisy input, against the clean reference.
+
+    Targets are ``[clean, noise]`` (``clean_index`` picks the speech); no permutation. For each
+    utterance the metrics of the clean estimate (``si_sdr``, ``si_sdri`` = improvement over the
+    noisy input, ``pesq`` (wide-band at 16 kHz), ``estoi``, DNSMOS ``ovrl``/``sig``/``bak``) and the
+    same metrics of the noisy input itself (``noisy_si_sdr``, ``noisy_pesq``, ...) are stored, so
+    the summary is the usual enhancement table with its "Noisy" row.
+
+    Example
+    -------
+    >>> clean = torch.randn(1, 1, 4000); noise = 0.1 * torch.randn(1, 1, 4000)
+    >>> stats = EnhancementMetricStats(fs=16000, metrics=("si_sdr", "si_sdri"))
+    >>> stats.metrics
+    ('si_sdr', 'si_sdri', 'noisy_si_sdr')
+    >>> stats.append(["u"], torch.cat([clean, noise], 1), torch.cat([clean, noise], 1), clean + noise)
+    >>> s = stats.summarize()
+    >>> s["si_sdr"], round(s["si_sdri"] + s["noisy_si_sdr"], 6)
+    (100.0, 100.0)
+    """
+
+    def __init__(self, fs, metrics=DEFAULT_METRICS, clean_index=0):
+        super().__init__(fs, metrics, permute=False)
+        self.estimate_metrics = self.metrics
+        self.input_metrics = tuple(m for m in self.metrics if m != "si_sdri")
+        self.metrics = self.estimate_metrics + tuple(f"noisy_{m}" for m in self.input_metrics)
+        self.clean_index = int(clean_index)
+
+    def append(self, ids, est, ref, mix, lengths=None):
+        """Score a batch: ``est``, ``ref`` (batch, K, samples), ``mix`` (batch, 1, samples)."""
+        if not (torch.is_tensor(est) and torch.is_tensor(ref)) or est.dim() != 3 or est.shape != ref.shape:
+            raise ValueError(f"est and ref must be tensors shaped (batch, K, samples) alike, got {getattr(est, 'shape', est)} and {getattr(ref, 'shape', ref)}")
+        if not 0 <= self.clean_index < est.shape[1]:
+            raise ValueError(f"clean_index {self.clean_index} is not a target index of K={est.shape[1]}")
+        if len(ids) != est.shape[0]:
+            raise ValueError(f"got {len(ids)} ids for a batch of {est.shape[0]}")
+        mix = mix.reshape(est.shape[0], 1, -1)
+        n, c = est.shape[-1], self.clean_index
+        for b, uid in enumerate(ids):
+            stop = n if lengths is None else max(2, int(round(float(lengths[b]) * n)))
+            clean, noisy = ref[b, c : c + 1, :stop], mix[b, :, :stop]
+            res = evaluate_separation(est[b, c : c + 1, :stop], clean, noisy, self.fs, self.estimate_metrics, permute=False)
+            base = evaluate_separation(noisy, clean, noisy, self.fs, self.input_metrics, permute=False)
+            scores = {m: res[m] for m in self.estimate_metrics}
+            scores.update({f"noisy_{m}": base[m] for m in self.input_metrics})
+            scores["perm"] = list(range(est.shape[1]))
+            self.ids.append(uid)
+            self.scores.append(scores)
+        self.summary = {}
+
+    def write_csv(self, path):
+        """One row per utterance (``ID`` and one column per metric), last row ``avg`` (NaN ignored)."""
+        if not self.scores:
+            raise ValueError("no utterance scored yet; call append() first")
+        rows = [[uid] + [float(np.mean(res[m])) for m in self.metrics] for uid, res in zip(self.ids, self.scores)]
+        avg = ["avg"] + [
+            float(np.nanmean(col)) if not np.isnan(col).all() else math.nan
+            for col in np.array([r[1:] for r in rows], dtype=np.float64).T
+        ]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["ID", *self.metrics])
+            writer.writerows(rows)
+            writer.writerow(avg)
+
+
+class DiffSepEnhancementBrain(DiffSepBrain):
+    """DiffSep for speech enhancement: targets ``[clean, noise]`` in this fixed order.
+
+    Training is :class:`~speechbrain_diffsep.brain.DiffSepBrain`'s (use a
+    :class:`~speechbrain_diffsep.sde.PriorMixingSDE` and ``loss_options: {shuffle: False}`` so the
+    order is kept). Validation SI-SDR and the test metrics (:class:`EnhancementMetricStats`) score
+    the clean estimate (target 0) only, without permutation; the test tables also hold the noisy
+    input's scores.
+    """
+
+    def on_stage_start(self, stage, epoch=None):
+        """As the parent; the test stage scores enhancement."""
+        super().on_stage_start(stage, epoch)
+        if stage == sb.Stage.TEST:
+            self.metric_stats = EnhancementMetricStats(
+                fs=int(self.hparams.sample_rate), metrics=available_metrics(self.hparams.test_metrics)
+            )
+
+    def _valid_separations(self, ids, mix, sources, lengths):
+        """SI-SDR of the clean estimate of the first ``n_valid_separations`` utterances."""
+        for i in range(len(ids)):
+            if self._valid_done >= self._valid_quota:
+                return
+            n = int(lengths[i])
+            est = self.separate(mix[i : i + 1, :, :n], ids[i : i + 1], sb.Stage.VALID)
+            self._valid_sisdr.append(float(si_sdr(est[0, 0], sources[i, 0, :n])))
+            self._valid_done += 1
+
+
+__all__ = [
+    "RecipeError",
+    "check_data_folder",
+    "signal_keys",
+    "audio_pipeline",
+    "dataio_prep",
+    "load_recipe_hparams",
+    "build_brain",
+    "run_recipe",
+    "cli_main",
+    "load_model_folder",
+    "EnhancementMetricStats",
+    "DiffSepEnhancementBrain",
+]
