@@ -318,7 +318,7 @@ class EnhancementMetricStats(SeparationMetricStats):
     ('si_sdr', 'si_sdri', 'noisy_si_sdr')
     >>> stats.append(["u"], torch.cat([clean, noise], 1), torch.cat([clean, noise], 1), clean + noise)
     >>> s = stats.summarize()
-    >>> s["si_sdr"], round(s["si_sdri"] + s["noisy_si_sdr"], 6)
+    >>> s["si_sdr"], round(s["si_sdri"] + s["noisy_si_sdr"], 3)
     (100.0, 100.0)
     """
 
