@@ -100,12 +100,19 @@ class PreconditionedScoreModel(torch.nn.Module):
         return -self.sde.mult_cov_inv(x - self.sde.mean(d, t), t)
 
 
-def denoiser_loss(model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0):
+def denoiser_loss(
+    model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, pit_above=None
+):
     """Data-prediction loss for :class:`PreconditionedScoreModel`, with the p_T permutation branch.
 
     Per example ``|Pbar (D(x_t) - s)|^2 / c_out(t)^2`` averaged over sources and samples; for the
-    p_T examples (x from the prior at t = T) the minimum over source permutations.
-    Returns ``(loss (batch,), use_prior (batch,))``.
+    p_T examples (x from the prior at t = T) the minimum over source permutations. With
+    ``pit_above=t0`` the permutation-min loss is also used for every example with ``t >= t0``:
+    where ``x_t`` barely tells the source order, the plain loss teaches the denoiser to average
+    the orders (a blurred estimate that few-step samplers cannot fix), while the min lets it
+    commit to a separation, as a PIT-trained separator does (this project's choice, after the
+    p_T loss of the paper and permutation-invariant training).
+    Returns ``(loss (batch,), use_pit (batch,))``.
     """
     from itertools import permutations
 
@@ -123,10 +130,11 @@ def denoiser_loss(model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sam
     x = torch.where(use_prior[:, None, None], sde.prior_sample(y, z=z), x_t)
     d = model(x, t, y, output="denoised")  # through forward (DDP-safe)
     c_out = getattr(model, "module", model).scalings(t)[2]
+    use_pit = use_prior if pit_above is None else use_prior | (t >= pit_above)
     per_perm = []
-    perms = list(permutations(range(sde.num_sources))) if bool(use_prior.any()) else [tuple(range(sde.num_sources))]
+    perms = list(permutations(range(sde.num_sources))) if bool(use_pit.any()) else [tuple(range(sde.num_sources))]
     for perm in perms:
         per_perm.append((_pbar(d - s[:, list(perm)]) / c_out).pow(2).mean(dim=(1, 2)))
     per_perm = torch.stack(per_perm, dim=1)
-    loss = torch.where(use_prior, per_perm.min(dim=1).values, per_perm[:, 0])
-    return loss, use_prior
+    loss = torch.where(use_pit, per_perm.min(dim=1).values, per_perm[:, 0])
+    return loss, use_pit

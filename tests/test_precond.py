@@ -92,3 +92,16 @@ def test_training_loss_dispatch_and_gradients(sde):
         training_loss(model, sde, s, y, objective="v")
     with pytest.raises(ValueError, match="output must be"):
         model(s, torch.ones(4) * 0.5, y, output="noise")
+
+
+def test_pit_above_takes_the_better_order_only_at_high_t(sde):
+    """A denoiser that returns the sources swapped is perfect under PIT, penalized otherwise."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(64, 2, 40, generator=g, dtype=torch.float64)
+    y = s.sum(1, keepdim=True)
+    model = PreconditionedScoreModel(None, sde, sigma_data=0.5)
+    model.net = OracleF(s[:, [1, 0]], model)
+    loss, used = denoiser_loss(model, sde, s, y, p_T=0.0, generator=torch.Generator().manual_seed(6), shuffle=False, pit_above=0.5)
+    assert used.any() and (~used).any()
+    assert float(loss[used].detach().max()) < 1e-18
+    assert float(loss[~used].detach().min()) > 1.0
