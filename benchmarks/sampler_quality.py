@@ -112,9 +112,9 @@ def _score_model_runs(model, utts, run, label, args):
     """Average SI-SDR (and PESQ/ESTOI with --pesq) of ``run(mix [1, T], seed) -> [1, T, K]``."""
     import soundfile as sf
 
-    from speechbrain_diffsep.metrics import apply_permutation, best_permutation, estoi_score, pesq_score
+    from speechbrain_diffsep.metrics import apply_permutation, best_permutation, dnsmos, estoi_score, pesq_score
 
-    scores, pesqs, estois, nfes, t0 = [], [], [], [], time.time()
+    scores, pesqs, estois, ovrls, nfes, t0 = [], [], [], [], [], time.time()
     for i, u in enumerate(utts):
         mix, fs = sf.read(u["mix_wav"], dtype="float32")
         refs = torch.stack([torch.from_numpy(sf.read(u[f"s{k + 1}_wav"], dtype="float32")[0]) for k in range(2)])
@@ -128,9 +128,13 @@ def _score_model_runs(model, utts, run, label, args):
         if args.pesq:
             pesqs.append(float(pesq_score(est, refs, fs).mean()))
             estois.append(float(estoi_score(est, refs, fs).mean()))
+        if args.dnsmos:
+            ovrls.append(float(dnsmos(est, fs)["ovrl"].mean()))
     row = dict(method=label, nfe=sum(nfes) / len(nfes), si_sdri=sum(scores) / len(scores), seconds=time.time() - t0)
     if pesqs:
         row.update(pesq=sum(pesqs) / len(pesqs), estoi=sum(estois) / len(estois))
+    if ovrls:
+        row.update(ovrl=sum(ovrls) / len(ovrls))
     print(row, flush=True)
     return row
 
@@ -144,7 +148,7 @@ def run_model(args):
     model = DiffSepSeparation.from_hparams(source=args.model, savedir=args.model)
     with open(args.data) as f:
         utts = list(csv.DictReader(f))[: args.n_utts]
-    grid = {k: v for k, v in GRID.items() if not args.samplers or k in args.samplers}
+    grid = {k: (args.steps or v) for k, v in GRID.items() if not args.samplers or k in args.samplers}
     if args.max_nfe:
         grid = {k: [n for n in v if n * 2 <= args.max_nfe + 2] for k, v in grid.items()}
     rows = []
@@ -164,7 +168,7 @@ def run_model(args):
         rows.append(dict(sampler="init-only", steps=0, **_score_model_runs(None, utts, lambda m, s: sep.separate_batch(m), "initial separator alone", args)))
         for t_start in args.t_starts:
             model.set_initial_separator(sep, t_start=t_start)
-            for steps in (2, 3, 5):
+            for steps in (args.steps or (2, 3, 5)):
                 def run_r(mix, seed, steps=steps):
                     return model.separate_batch(mix, sampler=args.refine_sampler, num_steps=steps, seed=seed)
 
@@ -211,7 +215,9 @@ def main():
     p.add_argument("--data")
     p.add_argument("--n-utts", type=int, default=10)
     p.add_argument("--pesq", action="store_true", help="also PESQ and ESTOI (model mode)")
+    p.add_argument("--dnsmos", action="store_true", help="also DNSMOS OVRL (model mode; slow)")
     p.add_argument("--samplers", nargs="*", help="subset of samplers (model mode)")
+    p.add_argument("--steps", type=int, nargs="*", help="step counts to try (model mode; default: a grid per sampler)")
     p.add_argument("--max-nfe", type=int, help="skip step counts above about this many network calls")
     p.add_argument("--consistency", action="store_true", help="also rows with mixture consistency")
     p.add_argument("--init-model", help="SepformerSeparation folder (e.g. Conv-TasNet) for refiner rows")
