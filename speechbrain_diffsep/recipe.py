@@ -135,6 +135,15 @@ def audio_pipeline(mixture, sources, sample_rate, segment=None, residual_target=
     return pipeline
 
 
+def _split_csv(hparams, split):
+    """The CSV of ``split`` (only that key is read: a test-only yaml has no ``train_data``)."""
+    if split == "train":
+        return hparams["train_data"]
+    if split == "valid":
+        return hparams["valid_data"]
+    return hparams["test_data"]
+
+
 def dataio_prep(hparams, mixture="mix_wav", sources=None, residual_target=False, splits=SPLITS):
     """``{split: DynamicItemDataset}`` from the CSVs of the data preparation.
 
@@ -167,14 +176,12 @@ def dataio_prep(hparams, mixture="mix_wav", sources=None, residual_target=False,
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"splits must be among {SPLITS}, got {unknown}")
-    csvs = {"train": lambda: hparams["train_data"], "valid": lambda: hparams["valid_data"],
-            "test": lambda: hparams["test_data"]}
     datasets = {}
     for split in splits:
         segment = None
         if split == "train" and hparams["segment_seconds"] is not None:
             segment = int(round(float(hparams["segment_seconds"]) * sr))
-        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=csvs[split]())
+        ds = sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=_split_csv(hparams, split))
         ds.add_dynamic_item(audio_pipeline(mixture, sources, sr, segment, residual_target))
         ds.set_output_keys(["id"] + signal_keys(num_spks))
         datasets[split] = ds
@@ -276,7 +283,10 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
     from .export import ExportError, export_from_recipe
     from .inference import CHECKPOINT_FILE, HPARAMS_FILE, check_model_folder, load_checkpoint_strict
 
-    fix = "pass --pretrained_folder=<a model folder from python -m speechbrain_diffsep.export, or a recipe's output folder>"
+    fix = (
+        "pass --pretrained_folder=<a model folder from python -m speechbrain_diffsep.export, "
+        "or a recipe's output folder>"
+    )
     path = Path(str(folder))
     if not path.is_dir():
         raise FileNotFoundError(f"pretrained_folder {str(folder)!r} does not exist; {fix}")
@@ -332,7 +342,8 @@ class EnhancementMetricStats(SeparationMetricStats):
     def append(self, ids, est, ref, mix, lengths=None):
         """Score a batch: ``est``, ``ref`` (batch, K, samples), ``mix`` (batch, 1, samples)."""
         if not (torch.is_tensor(est) and torch.is_tensor(ref)) or est.dim() != 3 or est.shape != ref.shape:
-            raise ValueError(f"est and ref must be tensors shaped (batch, K, samples) alike, got {getattr(est, 'shape', est)} and {getattr(ref, 'shape', ref)}")
+            shapes = [tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for x in (est, ref)]
+            raise ValueError(f"est and ref must be tensors shaped (batch, K, samples) alike, got {shapes[0]} and {shapes[1]}")
         if not 0 <= self.clean_index < est.shape[1]:
             raise ValueError(f"clean_index {self.clean_index} is not a target index of K={est.shape[1]}")
         if len(ids) != est.shape[0]:
@@ -342,7 +353,8 @@ class EnhancementMetricStats(SeparationMetricStats):
         for b, uid in enumerate(ids):
             stop = n if lengths is None else max(2, int(round(float(lengths[b]) * n)))
             clean, noisy = ref[b, c : c + 1, :stop], mix[b, :, :stop]
-            res = evaluate_separation(est[b, c : c + 1, :stop], clean, noisy, self.fs, self.estimate_metrics, permute=False)
+            est_clean = est[b, c : c + 1, :stop]
+            res = evaluate_separation(est_clean, clean, noisy, self.fs, self.estimate_metrics, permute=False)
             base = evaluate_separation(noisy, clean, noisy, self.fs, self.input_metrics, permute=False)
             scores = {m: res[m] for m in self.estimate_metrics}
             scores.update({f"noisy_{m}": base[m] for m in self.input_metrics})
