@@ -301,9 +301,13 @@ def _recipe_doc(output_folder, hparams):
         if hasattr(node, "keys"):
             if "num_sources" in node:
                 node["num_sources"] = _ref("num_spks")
-            if key == "score_model" and "nf" in node:
-                doc["nf"] = node["nf"]
-                node["nf"] = _ref("nf")
+            # the network may be wrapped (e.g. PreconditionedScoreModel(net=ScoreModel(...)))
+            net = node["net"] if key == "score_model" and "nf" not in node and hasattr(node.get("net"), "keys") else node
+            if key == "score_model" and "nf" in net:
+                doc["nf"] = net["nf"]
+                net["nf"] = _ref("nf")
+            if net is not node and "num_sources" in net:
+                net["num_sources"] = _ref("num_spks")
         doc[key] = node
     doc["sample_rate"] = int(rec["sample_rate"])
     doc["num_spks"] = int(rec["num_spks"])
