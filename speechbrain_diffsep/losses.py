@@ -73,7 +73,10 @@ def shuffle_sources(s, generator=None):
     return torch.gather(s, 1, order[:, :, None].expand_as(s))
 
 
-def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0):
+def score_matching_loss(
+    score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0,
+    prior_permutation=True,
+):
     """The full DiffSep training loss for a batch, with one network call.
 
     Arguments
@@ -87,6 +90,9 @@ def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=Tr
         Mixture (batch, 1, samples).
     p_T : float
         Probability that an example uses the p_T permutation loss at t = T.
+    prior_permutation : bool
+        Minimum over source orders in the p_T loss (separation); ``False`` keeps the given order
+        (enhancement, where the targets [clean, noise] are not interchangeable, as the authors' code).
 
     Returns
     -------
@@ -122,7 +128,10 @@ def score_matching_loss(score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=Tr
     score = score_fn(x, t, y)
     loss = denoising_score_loss(score, z, sde, t, y=y)
     if bool(use_prior.any()):
-        loss_prior, _ = prior_permutation_loss(score, z, s, y, sde)
+        if prior_permutation:
+            loss_prior, _ = prior_permutation_loss(score, z, s, y, sde)
+        else:
+            loss_prior = denoising_score_loss(score, prior_mismatch_noise(z, s, y, sde), sde, t, y=y)
         loss = torch.where(use_prior, loss_prior, loss)
     return loss, use_prior
 

@@ -192,8 +192,19 @@ def dataio_prep(hparams, mixture="mix_wav", sources=None, residual_target=False,
 def load_recipe_hparams(argv=None):
     """``(hparams_file, hparams, run_opts, overrides)`` from the command line (``sys.argv[1:]``)."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if not os.path.isfile(hparams_file):
+        raise RecipeError(f"hyperparameter file {hparams_file!r} does not exist; pass the path of a yaml in hparams/")
     with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+        try:
+            hparams = load_hyperpyyaml(fin, overrides)
+        except KeyError as err:
+            msg = str(err.args[0]) if err.args else str(err)
+            if msg.startswith("Override '"):  # hyperpyyaml: an override names no key of the yaml
+                key = msg.split("'")[1]
+                raise RecipeError(
+                    f"unknown hyperparameter --{key} for {hparams_file}; check its spelling against the yaml's keys"
+                ) from None
+            raise
     return hparams_file, hparams, run_opts, overrides
 
 

@@ -127,3 +127,25 @@ def test_time_sampling_distribution(sde, power, expected_mean):
     assert abs(float(t.mean()) - expected_mean) < 0.005
     with pytest.raises(ValueError, match="t_sampling"):
         sample_time(4, sde, kind="beta")
+
+
+def test_prior_branch_can_keep_the_target_order(sde):
+    """Enhancement: with prior_permutation=False the p_T loss uses the given order only."""
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(3, 2, 40, generator=g, dtype=torch.float64)
+    y = s.sum(1, keepdim=True)
+    captured = {}
+
+    def capture(x, t, yy):
+        captured["x"] = x
+        return torch.zeros_like(x)
+
+    kept, _ = score_matching_loss(capture, sde, s, y, p_T=1.0, prior_permutation=False, generator=torch.Generator().manual_seed(8))
+    tT = torch.full((3,), sde.T, dtype=torch.float64)
+    z = sde.mult_std_inv(captured["x"] - sde.prior_mean(y), tT)
+    from speechbrain_diffsep.losses import prior_mismatch_noise
+
+    expected = denoising_score_loss(torch.zeros_like(s), prior_mismatch_noise(z, s, y, sde), sde, tT)
+    assert torch.allclose(kept, expected)
+    best, _ = score_matching_loss(capture, sde, s, y, p_T=1.0, generator=torch.Generator().manual_seed(8))
+    assert (best <= kept + 1e-12).all()
