@@ -259,7 +259,61 @@ def run_recipe(argv, prepare, data_hint, mixture="mix_wav", sources=None, residu
             valid_loader_kwargs=hparams["valid_dataloader_opts"],
         )
     brain.evaluate(datasets["test"], max_key="si_sdr", test_loader_kwargs=hparams["test_dataloader_opts"])
+    if sb.utils.distributed.if_main_process() and "train_log" in hparams:
+        plot_train_log(hparams["train_log"], os.path.join(hparams["output_folder"], "train_curves.png"))
     return brain
+
+
+def plot_train_log(train_log, png_path):
+    r"""Plot the per-epoch train/valid losses and valid SI-SDR of SpeechBrain's ``train_log.txt``.
+
+    Returns the number of epochs plotted (0: nothing written).
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); log = os.path.join(d, "train_log.txt")
+    >>> _ = open(log, "w").write("epoch: 1, lr: 1.00e-03 - train loss: 0.9 - valid loss: 0.8, valid si_sdr: 1.5\n"
+    ...                          "epoch: 2, lr: 1.00e-03 - train loss: 0.7 - valid loss: 0.6, valid si_sdr: 3.5\n")
+    >>> plot_train_log(log, os.path.join(d, "curves.png"))
+    2
+    """
+    import re
+
+    rows = []
+    if os.path.isfile(train_log):
+        for line in open(train_log, encoding="utf-8"):
+            m = re.match(r"epoch: (\d+)", line)
+            if not m:
+                continue
+            vals = dict(re.findall(r"(train loss|valid loss|valid si_sdr): ([-+0-9.eE]+)", line))
+            rows.append((int(m.group(1)), {k: float(v) for k, v in vals.items()}))
+    if not rows:
+        return 0
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for key in ("train loss", "valid loss"):
+        pts = [(e, v[key]) for e, v in rows if key in v]
+        if pts:
+            ax1.plot(*zip(*pts), marker="o", label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_title("loss")
+    ax1.legend()
+    pts = [(e, v["valid si_sdr"]) for e, v in rows if "valid si_sdr" in v]
+    if pts:
+        ax2.plot(*zip(*pts), marker="o", color="C2")
+    ax2.set_xlabel("epoch")
+    ax2.set_title("valid SI-SDR (dB)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return len(rows)
 
 
 def cli_main(main, argv=None):
