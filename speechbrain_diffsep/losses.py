@@ -49,12 +49,16 @@ def prior_permutation_loss(score, z0, s, y, sde):
     return best, idx
 
 
-def sample_time(batch, sde, generator=None, dtype=torch.float32, device=None, kind="uniform", power=1.0):
-    """Training times in ``[t_eps, T]``, shaped (batch,).
+def sample_time(batch, sde, generator=None, dtype=torch.float32, device=None, kind="uniform", power=1.0, t_max=None):
+    """Training times in ``[t_eps, t_max]`` (``t_max`` defaults to T), shaped (batch,).
 
     ``kind="uniform"``: the paper's ``U[t_eps, T]``. ``kind="power"``: ``t_eps + (T - t_eps) u^(1/power)``,
     which for ``power > 1`` puts more examples near T, where the separation itself is learned.
+    A ``t_max < T`` trains a refiner, which only ever starts from ``t_start <= t_max``.
     """
+    top = sde.T if t_max is None else float(t_max)
+    if not sde.t_eps < top <= sde.T:
+        raise ValueError(f"t_max must lie in (t_eps={sde.t_eps}, T={sde.T}], got {t_max}")
     u = torch.rand(batch, generator=generator, dtype=dtype, device=device)
     if kind == "power":
         if power <= 0:
@@ -62,7 +66,7 @@ def sample_time(batch, sde, generator=None, dtype=torch.float32, device=None, ki
         u = u ** (1.0 / power)
     elif kind != "uniform":
         raise ValueError(f"unknown t_sampling {kind!r}; use 'uniform' or 'power'")
-    return sde.t_eps + (sde.T - sde.t_eps) * u
+    return sde.t_eps + (top - sde.t_eps) * u
 
 
 def shuffle_sources(s, generator=None):
@@ -75,7 +79,7 @@ def shuffle_sources(s, generator=None):
 
 def score_matching_loss(
     score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0,
-    prior_permutation=True,
+    prior_permutation=True, t_max=None,
 ):
     """The full DiffSep training loss for a batch, with one network call.
 
@@ -119,7 +123,7 @@ def score_matching_loss(
     use_prior = torch.rand(B, generator=generator, device=dev) < p_T
     if shuffle:
         s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
-    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power)
+    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power, t_max=t_max)
     t = torch.where(use_prior, torch.full_like(t, sde.T), t)
     z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
     x_t, _ = sde.sample_marginal(s, t, z=z, y=y)

@@ -101,7 +101,8 @@ class PreconditionedScoreModel(torch.nn.Module):
 
 
 def denoiser_loss(
-    model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, pit_above=None
+    model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, pit_above=None,
+    t_max=None,
 ):
     """Data-prediction loss for :class:`PreconditionedScoreModel`, with the p_T permutation branch.
 
@@ -123,7 +124,7 @@ def denoiser_loss(
     use_prior = torch.rand(B, generator=generator, device=dev) < p_T
     if shuffle:
         s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
-    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power)
+    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power, t_max=t_max)
     t = torch.where(use_prior, torch.full_like(t, sde.T), t)
     z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
     x_t, _ = sde.sample_marginal(s, t, z=z, y=y)

@@ -149,3 +149,12 @@ def test_prior_branch_can_keep_the_target_order(sde):
     assert torch.allclose(kept, expected)
     best, _ = score_matching_loss(capture, sde, s, y, p_T=1.0, generator=torch.Generator().manual_seed(8))
     assert (best <= kept + 1e-12).all()
+
+
+def test_t_max_restricts_training_times(sde):
+    from speechbrain_diffsep.losses import sample_time
+
+    t = sample_time(10000, sde, torch.Generator().manual_seed(1), dtype=torch.float64, t_max=0.4)
+    assert float(t.min()) >= sde.t_eps and float(t.max()) <= 0.4 and float(t.max()) > 0.39
+    with pytest.raises(ValueError, match="t_max"):
+        sample_time(4, sde, t_max=0.01)
