@@ -2,7 +2,7 @@
 
 import torch
 
-from .normalize import mixture_consistency, normalize_batch, rescale_to_mixture
+from .normalize import fit_gains_to_mixture, mixture_consistency, normalize_batch, rescale_to_mixture
 from .sampling import get_sampler
 
 
@@ -21,8 +21,9 @@ def separate_mixture(
 
     The sampler runs in the domain normalized by the mixture's statistics (as the reference's
     ``separate.py``); each estimate is then rescaled by its least-squares gain onto the original
-    mixture. ``init`` (an estimate in the original domain, e.g. from another separator) starts the
-    sampler at ``opts["t_start"]`` (refiner mode). ``consistency=True`` projects the final
+    mixture. ``init`` (an estimate in the original domain, e.g. from another separator, at any
+    scale: its gains are first fitted to the mixture) starts the sampler at ``opts["t_start"]``
+    (refiner mode). ``consistency=True`` projects the final
     estimates so that they sum to the mixture. Returns ``(estimate, nfe)``.
 
     Example
@@ -40,7 +41,8 @@ def separate_mixture(
     if not torch.isfinite(mix).all():
         raise ValueError("mix contains NaN or inf samples; clean the input first")
     if init is not None:
-        mix_n, init_n, mean, std = normalize_batch(mix, init)
+        # other separators' scale is arbitrary (scale-invariant losses): fit it to the mixture first
+        mix_n, init_n, mean, std = normalize_batch(mix, fit_gains_to_mixture(init, mix))
         opts["init"] = init_n
     else:
         mix_n, mean, std = normalize_batch(mix)

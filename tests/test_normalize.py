@@ -48,3 +48,15 @@ def test_mixture_consistency_sums_to_mixture():
 def test_bad_input(bad):
     with pytest.raises(ValueError, match="mix"):
         normalize_batch(bad)
+
+
+def test_fit_gains_recovers_arbitrary_scales():
+    from speechbrain_diffsep.normalize import fit_gains_to_mixture
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 3, 500, generator=g, dtype=torch.float64)
+    mix = s.sum(1, keepdim=True)
+    gains = torch.tensor([3.0, -0.2, 40.0], dtype=torch.float64)[None, :, None]
+    assert torch.allclose(fit_gains_to_mixture(s * gains, mix), s, atol=1e-8)
+    with pytest.raises(ValueError, match="matching mix"):
+        fit_gains_to_mixture(s[:, :, :10], mix)
