@@ -146,6 +146,7 @@ def run_model(args):
     from speechbrain_diffsep.inference import DiffSepSeparation, _load_separator
 
     model = DiffSepSeparation.from_hparams(source=args.model, savedir=args.model)
+    model.set_initial_separator(None)  # sampler rows: DiffSep alone, from the prior (even for a refiner folder)
     with open(args.data) as f:
         utts = list(csv.DictReader(f))[: args.n_utts]
     grid = {k: (args.steps or v) for k, v in GRID.items() if not args.samplers or k in args.samplers}
