@@ -86,6 +86,9 @@ def run_one(model, mix_path, ref_paths, out_dir, name, args):
         )
         result["estimates"] = {k: float(np.mean(v)) for k, v in scores.items() if k != "perm"}
         result["mixture"] = {k: float(np.mean(v)) for k, v in mix_scores.items() if k != "perm"}
+        # plot the estimates in the order of the references they were matched to
+        signals[1:] = [est[k].numpy() for k in scores["perm"]]
+        titles[1:] = [f"estimate {k + 1} (matched to reference {i + 1})" for i, k in enumerate(scores["perm"])]
         titles += [f"reference {k + 1}" for k in range(refs.shape[0])]
         signals += [r.numpy() for r in refs]
     spectrogram_png(out_dir / f"{name}_spectrograms.png", signals, titles, fs)
