@@ -471,9 +471,13 @@ class DiffSepSeparation(_DiffSepInterface):
 
     Example
     -------
-    >>> model = DiffSepSeparation.from_hparams(source="pretrained/diffsep-wsj0mix", savedir="tmp")  # doctest: +SKIP
-    >>> est = model.separate_file(path="mixture.wav")  # doctest: +SKIP
-    >>> est.shape  # [1, time, K]  # doctest: +SKIP
+    >>> import os, speechbrain_diffsep
+    >>> repo = os.path.dirname(os.path.dirname(speechbrain_diffsep.__file__))  # a source checkout
+    >>> folder = os.path.join(repo, "pretrained", "diffsep-minimix")  # the bundled MiniMix model
+    >>> model = DiffSepSeparation.from_hparams(source=folder, savedir=folder)
+    >>> est = model.separate_file(path=os.path.join(repo, "examples", "minimix_ex1_mix.wav"), seed=0)
+    >>> est.shape  # [1, time, K]
+    torch.Size([1, 25600, 2])
     """
 
     def separate_batch(self, mix, *, sampler=None, num_steps=None, seed=None, chunk_seconds=None,
