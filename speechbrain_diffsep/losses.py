@@ -77,6 +77,30 @@ def shuffle_sources(s, generator=None):
     return torch.gather(s, 1, order[:, :, None].expand_as(s))
 
 
+def draw_training_inputs(sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, t_max=None):
+    """The random part of a training step, shared by the score and the denoiser losses.
+
+    Per example: with probability ``p_T`` the prior branch (``t = T``, ``x = y/K + L_T z``, sources
+    in the given order), otherwise shuffled sources (when ``shuffle``), ``t`` from
+    :func:`sample_time` and ``x = mu_t(s) + L_t z``. Returns ``(s, t, z, x, use_prior)``.
+    """
+    _check_signals(s, "s", sde.num_sources)
+    _check_mixture(y)
+    if not 0.0 <= p_T <= 1.0:
+        raise ValueError(f"p_T must be a probability in [0, 1], got {p_T}")
+    B = s.shape[0]
+    dev, dt = s.device, s.dtype
+    use_prior = torch.rand(B, generator=generator, device=dev) < p_T
+    if shuffle:
+        s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
+    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power, t_max=t_max)
+    t = torch.where(use_prior, torch.full_like(t, sde.T), t)
+    z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
+    x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
+    x = torch.where(use_prior[:, None, None], sde.prior_sample(y, z=z), x_t)
+    return s, t, z, x, use_prior
+
+
 def score_matching_loss(
     score_fn, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0,
     prior_permutation=True, t_max=None,
@@ -114,21 +138,9 @@ def score_matching_loss(
     >>> loss.shape
     torch.Size([4])
     """
-    _check_signals(s, "s", sde.num_sources)
-    _check_mixture(y)
-    if not 0.0 <= p_T <= 1.0:
-        raise ValueError(f"p_T must be a probability in [0, 1], got {p_T}")
-    B = s.shape[0]
-    dev, dt = s.device, s.dtype
-    use_prior = torch.rand(B, generator=generator, device=dev) < p_T
-    if shuffle:
-        s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
-    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power, t_max=t_max)
-    t = torch.where(use_prior, torch.full_like(t, sde.T), t)
-    z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
-    x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
-    x_prior = sde.prior_sample(y, z=z)
-    x = torch.where(use_prior[:, None, None], x_prior, x_t)
+    s, t, z, x, use_prior = draw_training_inputs(
+        sde, s, y, p_T, generator, shuffle, t_sampling=t_sampling, t_power=t_power, t_max=t_max
+    )
     score = score_fn(x, t, y)
     loss = denoising_score_loss(score, z, sde, t, y=y)
     if bool(use_prior.any()):

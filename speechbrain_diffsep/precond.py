@@ -17,7 +17,6 @@ loss is ``|Pbar (D - s)|^2 / c_out^2`` (EDM's weighting: unit-variance regressio
 The network ``F`` should be built without ``scale_by_sigma`` (its output is not a score).
 """
 
-import math
 
 import torch
 
@@ -117,18 +116,11 @@ def denoiser_loss(
     """
     from itertools import permutations
 
-    from .losses import sample_time, shuffle_sources
+    from .losses import draw_training_inputs
 
-    B = s.shape[0]
-    dev, dt = s.device, s.dtype
-    use_prior = torch.rand(B, generator=generator, device=dev) < p_T
-    if shuffle:
-        s = torch.where(use_prior[:, None, None], s, shuffle_sources(s, generator))
-    t = sample_time(B, sde, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power, t_max=t_max)
-    t = torch.where(use_prior, torch.full_like(t, sde.T), t)
-    z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
-    x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
-    x = torch.where(use_prior[:, None, None], sde.prior_sample(y, z=z), x_t)
+    s, t, _, x, use_prior = draw_training_inputs(
+        sde, s, y, p_T, generator, shuffle, t_sampling=t_sampling, t_power=t_power, t_max=t_max
+    )
     d = model(x, t, y, output="denoised")  # through forward (DDP-safe)
     c_out = getattr(model, "module", model).scalings(t)[2]
     use_pit = use_prior if pit_above is None else use_prior | (t >= pit_above)

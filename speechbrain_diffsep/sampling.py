@@ -130,6 +130,15 @@ def ode_velocity(x, score, sde, t, y):
     return sde.drift(x) - 0.5 * g**2 * score
 
 
+def heun_step(x, score_fn, sde, t_cur, t_next, y):
+    """One Heun (2nd-order) step of the probability-flow ODE from ``t_cur`` to ``t_next`` (2 calls)."""
+    h = t_next - t_cur
+    d = ode_velocity(x, score_fn(x, _batch_t(t_cur, x), y), sde, t_cur, y)
+    x_euler = x + h * d
+    d2 = ode_velocity(x_euler, score_fn(x_euler, _batch_t(t_next, x), y), sde, t_next, y)
+    return x + h * 0.5 * (d + d2)
+
+
 def tweedie_denoise(x, score, sde, t, y):
     """Posterior mean of the sources given ``x_t`` (one network call, Tweedie's formula).
 
@@ -251,11 +260,7 @@ def ode_sampler(
     ts = time_schedule(max(num_steps, 2), t0, sde.t_eps, kind=schedule).tolist()
     nfe = 0
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        h = t_next - t_cur
-        d = ode_velocity(x, score_fn(x, _batch_t(t_cur, x), y), sde, t_cur, y)
-        x_euler = x + h * d
-        d2 = ode_velocity(x_euler, score_fn(x_euler, _batch_t(t_next, x), y), sde, t_next, y)
-        x = x + h * 0.5 * (d + d2)
+        x = heun_step(x, score_fn, sde, t_cur, t_next, y)
         nfe += 2
     return _finish(x, x, score_fn, sde, ts[-1], y, nfe, denoise_final)
 
@@ -287,11 +292,7 @@ def edm_sampler(
         t_hat = min(sde.T, t_cur * (1.0 + churn / n))
         if t_hat > t_cur:
             x = forward_transition(x, sde, t_cur, t_hat, y, generator)
-        h = t_next - t_hat
-        d = ode_velocity(x, score_fn(x, _batch_t(t_hat, x), y), sde, t_hat, y)
-        x_euler = x + h * d
-        d2 = ode_velocity(x_euler, score_fn(x_euler, _batch_t(t_next, x), y), sde, t_next, y)
-        x = x + h * 0.5 * (d + d2)
+        x = heun_step(x, score_fn, sde, t_hat, t_next, y)
         nfe += 2
     return _finish(x, x, score_fn, sde, ts[-1], y, nfe, denoise_final)
 

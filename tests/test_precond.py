@@ -1,5 +1,4 @@
 """EDM-style preconditioning: exactness with an oracle network, score consistency, loss."""
-import math
 
 import pytest
 import torch
