@@ -1,4 +1,6 @@
 """speechbrain-diffsep: DiffSep diffusion-based speech separation as a SpeechBrain plugin."""
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -25,6 +27,8 @@ setup(
         "test": ["pytest", "scipy", "fast_bss_eval"],
         "eval": ["speechmos", "onnxruntime", "librosa"],
     },
+    # inference templates used by `python -m speechbrain_diffsep.export` outside a source checkout
+    data_files=[("share/speechbrain-diffsep/hparams", sorted(glob.glob("hparams/*.yaml")))],
     entry_points={
         "console_scripts": [
             "diffsep-separate=speechbrain_diffsep.cli:separate_main",

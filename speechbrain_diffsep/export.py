@@ -33,7 +33,15 @@ from ruamel.yaml.comments import TaggedScalar
 from . import __version__
 from .inference import CHECKPOINT_FILE, HPARAMS_FILE, _one_line, read_state_dict
 
-REPO_HPARAMS = Path(__file__).resolve().parent.parent / "hparams"
+def _hparams_dir():
+    """The inference templates: ``hparams/`` of a source checkout (editable install), else the copy
+    that ``setup.py`` installs under ``<prefix>/share/speechbrain-diffsep/hparams``."""
+    repo = Path(__file__).resolve().parent.parent / "hparams"
+    installed = Path(sys.prefix) / "share" / "speechbrain-diffsep" / "hparams"
+    return repo if repo.is_dir() or not installed.is_dir() else installed
+
+
+REPO_HPARAMS = _hparams_dir()
 SEPARATION_TEMPLATE = REPO_HPARAMS / "separation_wsj0mix_8k.yaml"
 ENHANCEMENT_TEMPLATE = REPO_HPARAMS / "enhancement_voicebank_16k.yaml"
 COMPLETE_MARKER = "complete.ckpt"  # written last by DiffSepBrain's checkpoints
