@@ -501,13 +501,19 @@ class ResnetBlockBigGAN(torch.nn.Module):
             h = self.resample(h)
             x = self.resample(x)
         h = self.conv_0(h)
-        if temb is not None:
-            bias = self.temb_proj(self.act(temb))[:, :, None, None]
-            h = h.add_(bias) if inplace else h + bias
-        h = self.conv_1(self.dropout(_activate(self.act, self.norm_1(h), inplace)))
-        if self.skip is not None:
-            x = self.skip(x)
-        return _residual_sum(x, h, self.skip_rescale, inplace)
+        return _resblock_tail(self, h, x, temb, inplace)
+
+
+def _resblock_tail(block, h, x, temb, inplace):
+    """The part both residual blocks share after their first convolution: time-embedding bias,
+    norm/activation/dropout/second convolution, shortcut and (rescaled) sum."""
+    if temb is not None:
+        bias = block.temb_proj(block.act(temb))[:, :, None, None]
+        h = h.add_(bias) if inplace else h + bias
+    h = block.conv_1(block.dropout(_activate(block.act, block.norm_1(h), inplace)))
+    if block.skip is not None:
+        x = block.skip(x)
+    return _residual_sum(x, h, block.skip_rescale, inplace)
 
 
 class ResnetBlockDDPM(torch.nn.Module):
@@ -543,13 +549,7 @@ class ResnetBlockDDPM(torch.nn.Module):
         """Apply to ``x (batch, in_ch, H, W)`` with ``temb (batch, temb_dim)`` or None."""
         inplace = _can_overwrite()
         h = self.conv_0(_activate(self.act, self.norm_0(x), inplace))
-        if temb is not None:
-            bias = self.temb_proj(self.act(temb))[:, :, None, None]
-            h = h.add_(bias) if inplace else h + bias
-        h = self.conv_1(self.dropout(_activate(self.act, self.norm_1(h), inplace)))
-        if self.skip is not None:
-            x = self.skip(x)
-        return _residual_sum(x, h, self.skip_rescale, inplace)
+        return _resblock_tail(self, h, x, temb, inplace)
 
 
 class AttnBlock(torch.nn.Module):
