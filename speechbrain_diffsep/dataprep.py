@@ -207,3 +207,23 @@ def should_skip(save_folder, options, skip_prep, dataset, splits=("train", "vali
         logger.info("%s: CSVs in %s are up to date, skipping preparation", dataset, save_folder)
         return True
     return False
+
+
+def mixture_rows(split_dir, mix_folder, source_folders, dataset, hint, known, sample_rate, rate_hint):
+    """CSV rows of one split folder holding ``<mix_folder>/`` and ``<source>/`` folders of same-named wavs.
+
+    Checks that the folders exist and hold the same file names and that the mixtures are at
+    ``sample_rate``; each row is ``ID, duration, mix_wav, <source>_wav...`` (absolute paths as given).
+    """
+    names_of = [mix_folder] + list(source_folders)
+    folders = dict(zip(names_of, require_dirs(split_dir, names_of, dataset, hint, known)))
+    names = match_file_lists(folders, dataset)
+    check_sample_rate(os.path.join(folders[mix_folder], names[0]), sample_rate, dataset, rate_hint)
+    rows = []
+    for name in names:
+        mix_path = os.path.join(folders[mix_folder], name)
+        row = {"ID": os.path.splitext(name)[0], "duration": audio_duration(mix_path), "mix_wav": mix_path}
+        for src in source_folders:
+            row[f"{src}_wav"] = os.path.join(folders[src], name)
+        rows.append(row)
+    return rows

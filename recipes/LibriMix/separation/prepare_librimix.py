@@ -21,11 +21,9 @@ import os
 import sys
 
 from speechbrain_diffsep.dataprep import (
-    audio_duration,
     check_data_folder,
-    check_sample_rate,
     csv_paths,
-    match_file_lists,
+    mixture_rows,
     require_dirs,
     save_options,
     should_skip,
@@ -123,18 +121,10 @@ def prepare_librimix(
     for split, parts in plan.items():
         rows = []
         for part in parts:
-            sub = require_dirs(split_dirs[part], [mix_folder] + sources + extra, DATASET, hint, KNOWN)
-            folders = dict(zip([mix_folder] + sources + extra, sub))
-            names = match_file_lists(folders, DATASET)
-            check_sample_rate(
-                os.path.join(folders[mix_folder], names[0]), sample_rate, DATASET, f"use --sample_rate matching {rate_folder}"
+            rows += mixture_rows(
+                split_dirs[part], mix_folder, sources + extra, DATASET, hint, KNOWN, sample_rate,
+                f"use --sample_rate matching {rate_folder}",
             )
-            for name in names:
-                mix_path = os.path.join(folders[mix_folder], name)
-                row = {"ID": os.path.splitext(name)[0], "duration": audio_duration(mix_path), "mix_wav": mix_path}
-                for s in sources + extra:
-                    row[f"{s}_wav"] = os.path.join(folders[s], name)
-                rows.append(row)
         write_csv(csv_paths(save_folder)[split], rows, fields)
     save_options(save_folder, options)
 

@@ -22,11 +22,9 @@ import os
 import sys
 
 from speechbrain_diffsep.dataprep import (
-    audio_duration,
     check_data_folder,
-    check_sample_rate,
     csv_paths,
-    match_file_lists,
+    mixture_rows,
     require_dirs,
     save_options,
     should_skip,
@@ -98,20 +96,10 @@ def prepare_wsj0mix(data_folder, save_folder, n_spks=2, sample_rate=8000, versio
     sources = [f"s{k}" for k in range(1, n_spks + 1)]
     fields = ["ID", "duration", "mix_wav"] + [f"{s}_wav" for s in sources]
 
-    for (split, folder), split_dir in zip(SPLITS.items(), split_dirs):
-        sub = require_dirs(split_dir, ["mix"] + sources, DATASET, hint, KNOWN)
-        folders = dict(zip(["mix"] + sources, sub))
-        names = match_file_lists(folders, DATASET)
-        check_sample_rate(
-            os.path.join(folders["mix"], names[0]), sample_rate, DATASET, f"use --sample_rate matching {rate_folder}"
+    for split, split_dir in zip(SPLITS, split_dirs):
+        rows = mixture_rows(
+            split_dir, "mix", sources, DATASET, hint, KNOWN, sample_rate, f"use --sample_rate matching {rate_folder}"
         )
-        rows = []
-        for name in names:
-            row = {"ID": os.path.splitext(name)[0], "duration": audio_duration(os.path.join(folders["mix"], name))}
-            row["mix_wav"] = os.path.join(folders["mix"], name)
-            for s in sources:
-                row[f"{s}_wav"] = os.path.join(folders[s], name)
-            rows.append(row)
         write_csv(csv_paths(save_folder)[split], rows, fields)
     save_options(save_folder, options)
 
