@@ -18,7 +18,10 @@ flow mapping applied to the yaml, e.g. to compare DiffSep training options::
 Without ``--model`` it compares ``diffsep_small.yaml`` and ``convtasnet_small.yaml``. The MiniMix
 is generated into ``--data`` if that folder does not hold one yet (needs flite and espeak-ng).
 Writes ``learning_curves.md`` (markdown table), ``learning_curves.png`` and ``learning_curves.json``
-into ``--out``.
+into ``--out``. With ``--save`` each model's folder ``--out/LABEL`` is also laid out as a recipe's
+output folder (``hyperparams.yaml`` and a checkpoint with the EMA weights at every evaluation
+point), so ``python -m speechbrain_diffsep.export --from-recipe OUT/LABEL --ckpt last --out DIR``
+turns the trained model into a model folder for ``DiffSepSeparation`` and the sampler benchmark.
 """
 
 import argparse
@@ -126,7 +129,22 @@ def evaluate(brain, items, sample_rate):
     return float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0
 
 
-def learning_curve(brain, loader, items, minutes, points, sample_rate, log):
+def make_saver(brain, yaml_path, overrides, folder):
+    """A SpeechBrain Checkpointer over the score model and its EMA in ``folder/save``, and the
+    resolved yaml as ``folder/hyperparams.yaml`` (what ``train.py`` leaves in its output folder)."""
+    from hyperpyyaml import resolve_references
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(yaml_path, encoding="utf-8") as f:
+        (folder / "hyperparams.yaml").write_text(resolve_references(f, overrides).getvalue())
+    recoverables = {"score_model": brain.modules["score_model"]}
+    if getattr(brain, "ema", None) is not None:
+        recoverables["ema"] = brain.ema
+    return sb.utils.checkpoints.Checkpointer(str(folder / "save"), recoverables=recoverables)
+
+
+def learning_curve(brain, loader, items, minutes, points, sample_rate, log, saver=None):
     """Train for ``minutes`` of training time; evaluate at 0 and ``points`` evenly spaced times."""
     brain.on_fit_start()
     brain.modules.train()
@@ -153,6 +171,9 @@ def learning_curve(brain, loader, items, minutes, points, sample_rate, log):
             curve.append({"minutes": trained / 60, "steps": steps, "si_sdri": mean, "si_sdri_std": std,
                           "train_loss": loss})
             log(f"  {trained / 60:.1f} min, {steps} steps: SI-SDRi {mean:.2f} dB (train loss {loss:.3f})")
+            if saver is not None:
+                saver.save_and_keep_only(meta={"si_sdri": mean, "minutes": trained / 60, "steps": steps},
+                                         num_to_keep=1)
     return curve
 
 
@@ -216,6 +237,7 @@ def main(argv=None):
     parser.add_argument("--eval-steps", type=int, default=10, help="DiffSep sampler steps at evaluation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only on an idle machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", action="store_true", help="keep each model's weights (recipe folder layout)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -237,8 +259,12 @@ def main(argv=None):
         if hasattr(brain.hparams, "separation_options"):
             brain.hparams.separation_options = {**brain.hparams.separation_options, "num_steps": args.eval_steps}
         items = held_out(test_set, args.n_eval, args.eval_seconds, int(brain.hparams.sample_rate))
+        saver = None
+        if args.save and "score_model" in brain.modules:
+            base = {"data_folder": str(args.data), "output_folder": str(out / label), "seed": args.seed}
+            saver = make_saver(brain, path, {**base, **overrides}, out / label)
         curves[label] = learning_curve(brain, loader, items, args.minutes, args.points,
-                                       int(brain.hparams.sample_rate), log)
+                                       int(brain.hparams.sample_rate), log, saver)
         (out / "learning_curves.json").write_text(json.dumps(curves, indent=1))
 
     table = markdown(curves, args.minutes, len(items))
