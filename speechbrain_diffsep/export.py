@@ -123,11 +123,18 @@ def _find_score_model(module):
     return None
 
 
+def _network_name(model_obj):
+    """Class name of the network (the wrapped one for a preconditioned model)."""
+    net = getattr(model_obj, "net", model_obj)
+    return type(net).__name__ if net is not None else None
+
+
 def _readme(info):
     cls = "DiffSepEnhancement" if info["task"] == "enhancement" else "DiffSepSeparation"
     call = "enhance_file('noisy.wav')" if info["task"] == "enhancement" else "separate_file(path='mixture.wav')"
     return (
-        f"# DiffSep model folder ({info['task']}, {info['sample_rate']} Hz, K={info['num_spks']}, nf={info['nf']})\n\n"
+        f"# DiffSep model folder ({info['task']}, {info['sample_rate']} Hz, K={info['num_spks']}, "
+        f"{'nf=' + str(info['nf']) if info['nf'] is not None else info.get('network', '')})\n\n"
         f"Exported by speechbrain-diffsep {__version__} on {info['date']} from {info['source_kind']} "
         f"`{info['source']}`.\n\n"
         "```python\n"
@@ -176,6 +183,7 @@ def _info(kind, source, model_obj, sample_rate, num_spks, task, **extra):
         "sample_rate": int(sample_rate),
         "num_spks": int(num_spks),
         "nf": inner.config.get("nf") if inner is not None else None,
+        "network": _network_name(model_obj),
         "score_model_config": dict(inner.config) if inner is not None else None,
         "date": datetime.date.today().isoformat(),
         "speechbrain_diffsep_version": __version__,
@@ -314,6 +322,8 @@ def _recipe_doc(output_folder, hparams):
             if key == "score_model" and "nf" in net:
                 doc["nf"] = net["nf"]
                 net["nf"] = _ref("nf")
+            elif key == "score_model":
+                doc.pop("nf", None)  # not an NCSN++ (e.g. tcn.ConditionedTasNet): no base width
             if net is not node and "num_sources" in net:
                 net["num_sources"] = _ref("num_spks")
         doc[key] = node
@@ -438,7 +448,8 @@ def main(argv=None):
         print(f"export: error: {_one_line(err)}", file=sys.stderr)
         return 1
     info = json.loads((Path(out) / "export_info.json").read_text())
-    print(f"wrote {out} ({info.get('interface', info['task'])}, {info['sample_rate']} Hz, K={info['num_spks']}, nf={info['nf']})")
+    net = f"nf={info['nf']}" if info.get("nf") is not None else info.get("network")
+    print(f"wrote {out} ({info.get('interface', info['task'])}, {info['sample_rate']} Hz, K={info['num_spks']}, {net})")
     return 0
 
 

@@ -1,5 +1,7 @@
 """The noise-conditioned Conv-TasNet denoiser network (speechbrain_diffsep/tcn.py)."""
 
+import json
+
 import pytest
 import torch
 
@@ -109,3 +111,51 @@ def test_every_sampler_runs_with_it(name):
     with torch.no_grad():
         est, nfe = SAMPLERS[name](model, sde, y, num_steps=3, generator=torch.Generator().manual_seed(0))
     assert est.shape == (1, 2, 640) and nfe >= 2 and torch.isfinite(est).all()
+
+
+def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
+    """diffsep_small_tcn.yaml (tiny sizes) -> recipe folder -> export -> DiffSepSeparation gives the
+    sampler's output of the source model; the exported yaml names the network, not an nf."""
+    from pathlib import Path
+
+    from hyperpyyaml import load_hyperpyyaml, resolve_references
+    from speechbrain.utils.checkpoints import Checkpointer
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from speechbrain_diffsep import export
+    from speechbrain_diffsep.inference import DiffSepSeparation
+    from speechbrain_diffsep.pipeline import separate_mixture
+
+    yaml_path = Path(__file__).parents[1] / "recipes/WSJ0Mix/separation/hparams/diffsep_small_tcn.yaml"
+    out = tmp_path / "run"
+    overrides = {"data_folder": str(tmp_path), "output_folder": str(out), "N": 16, "B": 8, "H": 16, "X": 2,
+                 "emb_dim": 8}
+    with open(yaml_path) as f:
+        resolved = resolve_references(f, overrides).getvalue()
+    out.mkdir()
+    (out / "hyperparams.yaml").write_text(resolved)
+    hp = load_hyperpyyaml(resolved)
+    model = hp["score_model"]
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ema.update_parameters(model)
+    Checkpointer(str(out / "save"), {"score_model": model, "ema": ema}).save_checkpoint(meta={"si_sdri": 1.0})
+
+    export.export_from_recipe(out, tmp_path / "m", ckpt="last")
+    text = (tmp_path / "m" / "hyperparams.yaml").read_text()
+    assert "tcn.ConditionedTasNet" in text and "\nnf:" not in text
+    info = json.loads((tmp_path / "m" / "export_info.json").read_text())
+    assert info["network"] == "ConditionedTasNet" and info["used_ema"] is True
+
+    folder = DiffSepSeparation.from_hparams(source=str(tmp_path / "m"), savedir=str(tmp_path / "save"))
+    src = ema.module.eval()
+    mix = torch.randn(1, 2400, generator=torch.Generator().manual_seed(3))
+    est = folder.separate_batch(mix, sampler="ode", num_steps=3, seed=7)
+    with torch.no_grad():
+        ref, nfe = separate_mixture(src, hp["sde"], mix[:, None], sampler="ode", num_steps=3,
+                                    generator=torch.Generator().manual_seed(7))
+    assert nfe == 5
+    assert torch.allclose(est, ref.transpose(1, 2), atol=1e-5)
+    assert float(est.abs().max()) > 1e-3
