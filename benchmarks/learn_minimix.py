@@ -12,10 +12,11 @@ flow mapping applied to the yaml, e.g. to compare DiffSep training options::
 
     python benchmarks/learn_minimix.py --minutes 30 --out results/learn_minimix \\
         --model diffsep=diffsep_small.yaml \\
-        --model "diffsep_pT0.3=diffsep_small.yaml@{loss_options: {p_T: 0.3}}" \\
+        --model "diffsep_pT0.5=diffsep_small.yaml@{loss_options: {p_T: 0.5}}" \\
         --model convtasnet=convtasnet_small.yaml
 
-Without ``--model`` it compares ``diffsep_small.yaml`` and ``convtasnet_small.yaml``. The MiniMix
+Without ``--model`` it compares ``diffsep_small.yaml`` (preconditioned, Conv-TasNet network),
+``diffsep_small_paper.yaml`` (the paper's parameterization, NCSN++) and ``convtasnet_small.yaml``. The MiniMix
 is generated into ``--data`` if that folder does not hold one yet (needs flite and espeak-ng).
 Writes ``learning_curves.md`` (markdown table), ``learning_curves.png`` and ``learning_curves.json``
 into ``--out``. With ``--save`` each model's folder ``--out/LABEL`` is also laid out as a recipe's
@@ -44,7 +45,8 @@ import speechbrain as sb  # noqa: E402
 
 from speechbrain_diffsep.metrics import evaluate_separation  # noqa: E402
 
-DEFAULT_MODELS = ["diffsep_small=diffsep_small.yaml", "convtasnet_small=convtasnet_small.yaml"]
+DEFAULT_MODELS = ["diffsep_small=diffsep_small.yaml", "diffsep_small_paper=diffsep_small_paper.yaml",
+                  "convtasnet_small=convtasnet_small.yaml"]
 
 
 def parse_model(spec):

@@ -31,23 +31,37 @@ CODE = [RECIPE / "train.py", ROOT / "speechbrain_diffsep" / "brain.py", ROOT / "
 SR = 8000
 N_TRAIN, N_VALID, N_TEST = 8, 2, 2
 
-# a network small enough for CI; the recipe yaml stays the one users run
-TINY_DIFFSEP = [
-    "--nf=16",
-    "--ch_mult=[1,1,2,2]",
-    "--num_res_blocks=1",
-    "--attn_resolutions=[]",
+# networks small enough for CI; the recipe yamls stay the ones users run
+COMMON = [
     "--segment_seconds=0.5",
     "--batch_size=2",
     "--n_valid_separations=1",
-    "--valid_separation_options={sampler: pc, num_steps: 1}",
-    "--separation_options={sampler: pc, num_steps: 2}",
     "--test_metrics=[si_sdr,si_sdri,pesq,estoi]",
     "--device=cpu",
     "--noprogressbar",
     "--ckpt_interval_minutes=0",
     "--log_rank_activity=True",
 ]
+# diffsep_small_paper.yaml: NCSN++ in the paper's parameterization
+TINY_DIFFSEP = [
+    "--nf=16",
+    "--ch_mult=[1,1,2,2]",
+    "--num_res_blocks=1",
+    "--attn_resolutions=[]",
+    "--valid_separation_options={sampler: pc, num_steps: 1}",
+    "--separation_options={sampler: pc, num_steps: 2}",
+] + COMMON
+# diffsep_small.yaml: the preconditioned noise-conditioned Conv-TasNet
+TINY_TCN = [
+    "--N=16",
+    "--B=8",
+    "--H=16",
+    "--X=2",
+    "--R=1",
+    "--emb_dim=8",
+    "--valid_separation_options={sampler: ode, num_steps: 2}",
+    "--separation_options={sampler: ode, num_steps: 2}",
+] + COMMON
 
 
 # --------------------------------------------------------------------------- fixture data
@@ -182,7 +196,7 @@ def test_every_yaml_builds_its_brain(yaml_path, tmp_path):
 
 def test_key_checker_catches_an_unused_key(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text((RECIPE / "hparams" / "diffsep_small.yaml").read_text() + "\nnot_read_anywhere: 3\n")
+    path.write_text((RECIPE / "hparams" / "diffsep_small_paper.yaml").read_text() + "\nnot_read_anywhere: 3\n")
     keys = _top_level_keys(path)
     assert "not_read_anywhere" in keys and "not_read_anywhere" not in _used_names(path)
 
@@ -194,7 +208,7 @@ def _train_module():
     return module
 
 
-@pytest.mark.parametrize("hparams", ["diffsep_small.yaml", "convtasnet_small.yaml"])
+@pytest.mark.parametrize("hparams", ["diffsep_small.yaml", "diffsep_small_paper.yaml", "convtasnet_small.yaml"])
 def test_unknown_command_line_key_is_a_clear_error(hparams, data_folder, tmp_path):
     train = _train_module()
     argv = [str(RECIPE / "hparams" / hparams), f"--data_folder={data_folder}", "--numbr_of_epochs=3"]
@@ -222,7 +236,7 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path):
 # --------------------------------------------------------------------------- DDP
 def test_two_process_ddp_trains_disjoint_examples_to_identical_weights(data_folder, tmp_path):
     out = tmp_path / "ddp"
-    _run(_train_cmd("diffsep_small.yaml", data_folder, out, TINY_DIFFSEP + ["--number_of_epochs=1"], nproc=2))
+    _run(_train_cmd("diffsep_small_paper.yaml", data_folder, out, TINY_DIFFSEP + ["--number_of_epochs=1"], nproc=2))
     b0, p0 = _read_rank_log(out / "rank_logs" / "rank0.txt")
     b1, p1 = _read_rank_log(out / "rank_logs" / "rank1.txt")
     ids0 = [i for _, _, ids in b0 for i in ids]
@@ -243,7 +257,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(data_folder, tmp_path
     out = tmp_path / "resume"
     cmd = _train_cmd(
         "diffsep_small.yaml", data_folder, out,
-        TINY_DIFFSEP + ["--number_of_epochs=3", "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1"],
+        TINY_TCN + ["--number_of_epochs=3", "--ckpt_interval_minutes=0", "--ckpt_interval_steps=1"],
     )
     log = out / "rank_logs" / "rank0.txt"
     proc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

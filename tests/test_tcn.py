@@ -114,7 +114,7 @@ def test_every_sampler_runs_with_it(name):
 
 
 def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
-    """diffsep_small_tcn.yaml (tiny sizes) -> recipe folder -> export -> DiffSepSeparation gives the
+    """diffsep_small.yaml (tiny sizes) -> recipe folder -> export -> DiffSepSeparation gives the
     sampler's output of the source model; the exported yaml names the network, not an nf."""
     from pathlib import Path
 
@@ -126,7 +126,7 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
     from speechbrain_diffsep.inference import DiffSepSeparation
     from speechbrain_diffsep.pipeline import separate_mixture
 
-    yaml_path = Path(__file__).parents[1] / "recipes/WSJ0Mix/separation/hparams/diffsep_small_tcn.yaml"
+    yaml_path = Path(__file__).parents[1] / "recipes/WSJ0Mix/separation/hparams/diffsep_small.yaml"
     out = tmp_path / "run"
     overrides = {"data_folder": str(tmp_path), "output_folder": str(out), "N": 16, "B": 8, "H": 16, "X": 2,
                  "emb_dim": 8}
