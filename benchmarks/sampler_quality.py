@@ -178,13 +178,35 @@ def run_model(args):
     return rows
 
 
+def first_within(rows, reference=("pc", 30), tol_db=0.2, key="si_sdri"):
+    """Per sampler, the fewest NFE whose score is within ``tol_db`` of the reference row (PC-30, 60 NFE).
+
+    Returns ``(reference value or None, {sampler: nfe or None})``.
+    """
+    ref = [r for r in rows if (r["sampler"], r["steps"]) == reference]
+    if not ref or key not in ref[0]:
+        return None, {}
+    target = ref[0][key] - tol_db
+    out = {}
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        ok = [r["nfe"] for r in rows if r["sampler"] == name and r[key] >= target]
+        out[name] = min(ok) if ok else None
+    return ref[0][key], out
+
+
 def write_outputs(rows, out, title):
     os.makedirs(out, exist_ok=True)
-    keys = list(rows[0].keys())
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(out, "sampler_quality.md"), "w") as f:
         f.write(f"# {title}\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         for r in rows:
-            f.write("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n")
+            f.write("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |\n")
+        ref, first = first_within(rows)
+        if ref is not None:
+            f.write(f"\nFewest network calls within 0.2 dB of PC-30 (60 NFE, SI-SDRi {ref:.2f} dB):\n\n")
+            for name, nfe in first.items():
+                f.write(f"- {name}: {('%g NFE' % nfe) if nfe is not None else 'not reached in this grid'}\n")
+            print(f"within 0.2 dB of PC-60 ({ref:.2f} dB): {first}")
     import matplotlib
 
     matplotlib.use("Agg")
