@@ -146,8 +146,11 @@ def make_saver(brain, yaml_path, overrides, folder):
     return sb.utils.checkpoints.Checkpointer(str(folder / "save"), recoverables=recoverables)
 
 
-def learning_curve(brain, loader, items, minutes, points, sample_rate, log, saver=None):
-    """Train for ``minutes`` of training time; evaluate at 0 and ``points`` evenly spaced times."""
+def learning_curve(brain, loader, items, minutes, points, sample_rate, log, saver=None, progress=None):
+    """Train for ``minutes`` of training time; evaluate at 0 and ``points`` evenly spaced times.
+
+    ``progress(curve)`` is called after every evaluation (the caller writes the JSON, so a run
+    stopped early keeps its points)."""
     brain.on_fit_start()
     brain.modules.train()
     marks = [minutes * 60.0 * k / points for k in range(1, points + 1)]
@@ -173,6 +176,8 @@ def learning_curve(brain, loader, items, minutes, points, sample_rate, log, save
             curve.append({"minutes": trained / 60, "steps": steps, "si_sdri": mean, "si_sdri_std": std,
                           "train_loss": loss})
             log(f"  {trained / 60:.1f} min, {steps} steps: SI-SDRi {mean:.2f} dB (train loss {loss:.3f})")
+            if progress is not None:
+                progress(curve)
             if saver is not None:
                 saver.save_and_keep_only(meta={"si_sdri": mean, "minutes": trained / 60, "steps": steps},
                                          num_to_keep=1)
@@ -223,6 +228,24 @@ def plot(curves, path):
     plt.close(fig)
 
 
+def merge(paths, out, minutes, n_eval):
+    """One table and one PNG from several ``learning_curves.json`` (labels must differ)."""
+    curves = {}
+    for path in paths:
+        for label, curve in json.loads(Path(path).read_text()).items():
+            if label in curves:
+                raise ValueError(f"--merge: label {label!r} appears twice ({path})")
+            curves[label] = curve
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learning_curves.json").write_text(json.dumps(curves, indent=1))
+    table = markdown(curves, minutes, n_eval)
+    (out / "learning_curves.md").write_text(table)
+    plot(curves, out / "learning_curves.png")
+    print(table)
+    print(f"wrote {out / 'learning_curves.md'}, {out / 'learning_curves.png'}")
+    return curves
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training time per model")
@@ -240,7 +263,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more only on an idle machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", action="store_true", help="keep each model's weights (recipe folder layout)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only combine the learning_curves.json of runs made side by side (e.g. one "
+                             "process per model) into one table and PNG in --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.minutes, args.n_eval)
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -265,8 +293,11 @@ def main(argv=None):
         if args.save and "score_model" in brain.modules:
             base = {"data_folder": str(args.data), "output_folder": str(out / label), "seed": args.seed}
             saver = make_saver(brain, path, {**base, **overrides}, out / label)
+        def progress(curve, label=label):
+            (out / "learning_curves.json").write_text(json.dumps({**curves, label: curve}, indent=1))
+
         curves[label] = learning_curve(brain, loader, items, args.minutes, args.points,
-                                       int(brain.hparams.sample_rate), log, saver)
+                                       int(brain.hparams.sample_rate), log, saver, progress)
         (out / "learning_curves.json").write_text(json.dumps(curves, indent=1))
 
     table = markdown(curves, args.minutes, len(items))
