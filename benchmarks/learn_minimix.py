@@ -201,7 +201,8 @@ def markdown(curves, minutes, n_eval):
             c = curves[lab]
             if i < len(c):
                 p = c[i]
-                cells += [f"{p['minutes']:.1f}", str(p["steps"]), f"{p['si_sdri']:.2f} +- {p['si_sdri_std']:.2f}"]
+                std = "" if p.get("si_sdri_std") is None else f" +- {p['si_sdri_std']:.2f}"  # None: not recorded
+                cells += [f"{p['minutes']:.1f}", str(p["steps"]), f"{p['si_sdri']:.2f}{std}"]
             else:
                 cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -217,7 +218,7 @@ def plot(curves, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, c in curves.items():
         ax.errorbar([p["minutes"] for p in c], [p["si_sdri"] for p in c],
-                    yerr=[p["si_sdri_std"] for p in c], marker="o", capsize=3, label=label)
+                    yerr=[p.get("si_sdri_std") or 0.0 for p in c], marker="o", capsize=3, label=label)
     ax.axhline(0.0, color="gray", lw=0.5)
     ax.set_xlabel("CPU training time (min)")
     ax.set_ylabel("SI-SDRi on held-out MiniMix (dB)")
