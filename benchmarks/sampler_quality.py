@@ -211,6 +211,7 @@ def write_outputs(rows, out, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     plt.figure(figsize=(6, 4))
     ykey = "si_sdr" if "si_sdr" in rows[0] else "si_sdri"
@@ -218,6 +219,10 @@ def write_outputs(rows, out, title):
         rs = [r for r in rows if r["sampler"] == name]
         plt.plot([max(r["nfe"], 0.8) for r in rs], [r[ykey] for r in rs], marker="o", label=name)
     plt.xscale("log")
+    ax = plt.gca()
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([1, 2, 3, 5, 10, 20, 30, 60])
     plt.xlabel("network calls (NFE)")
     plt.ylabel("SI-SDR (dB)" if ykey == "si_sdr" else "SI-SDRi (dB)")
     plt.title(title)
