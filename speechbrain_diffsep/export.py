@@ -329,7 +329,24 @@ def _recipe_doc(output_folder, hparams):
         doc[key] = node
     doc["sample_rate"] = int(rec["sample_rate"])
     doc["num_spks"] = int(rec["num_spks"])
+    if hparams is None:
+        _sampler_from_recipe(doc, rec.get("separation_options"))
     return doc, enhancement
+
+
+def _sampler_from_recipe(doc, options):
+    """The folder's default sampler = the recipe's test-stage ``separation_options`` (the sampler
+    the model was measured with, e.g. ode/3 for ``diffsep_small.yaml``, pc/30 for ``diffsep.yaml``)."""
+    if not hasattr(options, "keys") or "sampler" not in options:
+        return
+    options = {str(k): v for k, v in options.items()}
+    for key in ("sampler", "num_steps", "sampler_options"):
+        if hasattr(doc, "ca"):
+            doc.ca.items.pop(key, None)  # the template's comments describe its own defaults
+    doc["sampler"] = str(options.pop("sampler"))
+    if "num_steps" in options:
+        doc["num_steps"] = int(options.pop("num_steps"))
+    doc["sampler_options"] = options
 
 
 def export_from_recipe(output_folder, out_dir, ckpt="best", hparams=None, metric=None, use_ema=True):

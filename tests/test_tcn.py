@@ -33,13 +33,15 @@ def test_conditioning_starts_as_identity_then_depends_on_noise_level():
     torch.manual_seed(0)
     net = ConditionedTasNet(**TINY).eval()
     x, y = torch.randn(1, 2, 400), torch.randn(1, 1, 400)
-    a = net(x, torch.tensor([0.1]), y)
-    b = net(x, torch.tensor([0.9]), y)
+    with torch.no_grad():
+        a = net(x, torch.tensor([0.1]), y)
+        b = net(x, torch.tensor([0.9]), y)
     assert torch.equal(a, b)  # FiLM initialized to scale 1, shift 0
     for lin in net.film:
         torch.nn.init.normal_(lin.weight, std=0.5)
-    a = net(x, torch.tensor([0.1]), y)
-    b = net(x, torch.tensor([0.9]), y)
+    with torch.no_grad():
+        a = net(x, torch.tensor([0.1]), y)
+        b = net(x, torch.tensor([0.9]), y)
     assert float((a - b).abs().max()) > 1e-3
 
 
@@ -159,3 +161,30 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
     assert nfe == 5
     assert torch.allclose(est, ref.transpose(1, 2), atol=1e-5)
     assert float(est.abs().max()) > 1e-3
+
+
+def test_export_takes_the_recipes_test_sampler_as_the_folder_default(tmp_path):
+    """A model folder samples as its recipe's test stage did (diffsep_small.yaml: ode, 3 steps)."""
+    from pathlib import Path
+
+    from hyperpyyaml import load_hyperpyyaml, resolve_references
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from speechbrain_diffsep import export
+
+    yaml_path = Path(__file__).parents[1] / "recipes/WSJ0Mix/separation/hparams/diffsep_small.yaml"
+    out = tmp_path / "run"
+    overrides = {"data_folder": str(tmp_path), "output_folder": str(out), "N": 8, "B": 8, "H": 8, "X": 1,
+                 "R": 1, "emb_dim": 4, "separation_options": {"sampler": "edm", "num_steps": 4, "churn": 0.2}}
+    with open(yaml_path) as f:
+        resolved = resolve_references(f, overrides).getvalue()
+    out.mkdir()
+    (out / "hyperparams.yaml").write_text(resolved)
+    hp = load_hyperpyyaml(resolved)
+    Checkpointer(str(out / "save"), {"score_model": hp["score_model"]}).save_checkpoint(meta={"si_sdri": 0.0})
+    export.export_from_recipe(out, tmp_path / "m", ckpt="last", use_ema=False)
+    folder = load_hyperpyyaml((tmp_path / "m" / "hyperparams.yaml").read_text())
+    # the override is merged into the yaml's dict (ode, 3 steps) as SpeechBrain merges it
+    assert (folder["sampler"], folder["num_steps"], dict(folder["sampler_options"])) == ("edm", 4, {"churn": 0.2})
+    text = (tmp_path / "m" / "hyperparams.yaml").read_text()
+    assert "60 network calls" not in text  # the template's pc comment is gone with its value
