@@ -46,6 +46,9 @@ def build_parser(prog, task):
     p.add_argument("--steps", type=int, help="number of sampler steps (default: the model's yaml)")
     p.add_argument("--sampler", help="sampler name: pc, em, ode, edm (default: the model's yaml)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (SpeechBrain's run option; the first call compiles, "
+                        "worth it for many or long files)")
     p.add_argument("--chunk-seconds", type=float, help="process long files in chunks of this many seconds")
     p.add_argument("--overlap-seconds", type=float, help="overlap of consecutive chunks (default: the yaml's, 1 s)")
     p.add_argument("--seed", type=int, help="random seed (same output for the same input and seed)")
@@ -173,7 +176,7 @@ def _load_model(task, args):
 
     from .inference import _load_separator
 
-    run_opts = {"device": args.device}
+    run_opts = {"device": args.device, "compile": bool(args.compile)}
     if task == "separate":
         model = DiffSepSeparation.from_hparams(source=args.model, run_opts=run_opts, num_spks=args.num_spks)
     else:

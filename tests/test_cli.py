@@ -66,6 +66,21 @@ def test_separate_a_folder_of_two_files(model_dir, inputs, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_compile_option_gives_the_eager_output(tmp_path):
+    """--compile (SpeechBrain's run option: torch.compile of the network) changes speed, not output."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    soundfile.write(folder / "a.wav", noise(800, 4), 8000, subtype="FLOAT")
+    model = ROOT / "pretrained" / "diffsep-small-minimix"  # the small Conv-TasNet network compiles fast
+    outs = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flag else "eager")
+        args = [str(folder / "a.wav"), "--model", str(model), "--out", str(out), "--seed", "1", "--quiet"] + flag
+        assert cli.separate_main(args) == 0
+        outs[bool(flag)] = soundfile.read(out / "a_s1.wav", dtype="float32")[0]
+    assert np.abs(outs[True] - outs[False]).max() < 1e-3 and np.abs(outs[False]).max() > 0.5
+
+
 def test_files_and_chunking_options(model_dir, inputs, tmp_path):
     out = tmp_path / "out"
     args = [str(inputs / "a.wav"), str(inputs / "b.flac"), "--model", str(model_dir), "--out", str(out),
