@@ -27,6 +27,13 @@ def _pbar(x):
     return x - x.mean(dim=1, keepdim=True)
 
 
+def noise_level(sde, t):
+    """``sigma_t = sqrt(lambda_2(t)) / exp(-gamma t)``: the noise std of the zero-mean part of
+    ``x_t`` relative to the sources (what the scalings and a network's conditioning use)."""
+    _, lam2 = sde.eigenvalues(t)
+    return lam2.sqrt() / torch.exp(-sde.gamma * t)
+
+
 class PreconditionedScoreModel(torch.nn.Module):
     """Wraps a network ``F(x, t, y)`` into a source denoiser and a score model.
 
@@ -68,9 +75,8 @@ class PreconditionedScoreModel(torch.nn.Module):
 
     def scalings(self, t):
         """``(a_t, c_skip, c_out, c_in)``, each shaped (batch, 1, 1), in float32/64 like t."""
-        _, lam2 = self.sde.eigenvalues(t)
         a = torch.exp(-self.sde.gamma * t)
-        sigma = lam2.sqrt() / a
+        sigma = noise_level(self.sde, t)
         sd = self.sigma_data
         norm = torch.sqrt(sigma**2 + sd**2)
         shape = (-1, 1, 1)

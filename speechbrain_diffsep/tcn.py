@@ -23,6 +23,8 @@ import torch
 from speechbrain.lobes.models.conv_tasnet import ChannelwiseLayerNorm, Decoder, TemporalBlocksSequential
 from speechbrain.lobes.models.dual_path import Encoder
 
+from .precond import noise_level
+
 
 class NoiseEmbedding(torch.nn.Module):
     """Sinusoidal features of a scalar noise level followed by a two-layer MLP.
@@ -101,9 +103,7 @@ class ConditionedTasNet(torch.nn.Module):
         """EDM's ``log(sigma) / 4`` with the SDE's sigma of the zero-mean part, else ``t``."""
         if self.sde is None:
             return t
-        _, lam2 = self.sde.eigenvalues(t.double())
-        sigma = lam2.sqrt() / torch.exp(-self.sde.gamma * t.double())
-        return (sigma.log() / 4).to(t.dtype)
+        return (noise_level(self.sde, t.double()).log() / 4).to(t.dtype)
 
     def forward(self, x, t, y):
         n = x.shape[-1]
