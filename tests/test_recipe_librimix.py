@@ -13,7 +13,6 @@
 import csv
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +60,7 @@ def data_folder(tmp_path_factory):
 
 
 def _cmd(hparams, data, out, extra=()):
-    args = [str(RECIPE / "hparams" / hparams), f"--data_folder={data}", f"--output_folder={out}", *extra]
-    return [sys.executable, str(RECIPE / "train.py"), *args]
+    return wsj._train_cmd(hparams, data, out, extra, recipe=RECIPE)
 
 
 def _results(out):

@@ -101,13 +101,14 @@ def _env():
     return env
 
 
-def _train_cmd(hparams, data, out, extra=(), nproc=1):
-    args = [str(RECIPE / "hparams" / hparams), f"--data_folder={data}", f"--output_folder={out}", *extra]
+def _train_cmd(hparams, data, out, extra=(), nproc=1, recipe=RECIPE):
+    """The command line of ``recipe``'s train.py (the other recipe tests pass their own folder)."""
+    args = [str(recipe / "hparams" / hparams), f"--data_folder={data}", f"--output_folder={out}", *extra]
     if nproc == 1:
-        return [sys.executable, str(RECIPE / "train.py"), *args]
+        return [sys.executable, str(recipe / "train.py"), *args]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-        f"--nproc_per_node={nproc}", str(RECIPE / "train.py"), *args, "--distributed_backend=gloo",
+        f"--nproc_per_node={nproc}", str(recipe / "train.py"), *args, "--distributed_backend=gloo",
     ]
 
 
