@@ -77,14 +77,18 @@ def ensure_minimix(data, n_train, n_valid, n_test, seed, max_seconds):
                      max_seconds=max_seconds)
 
 
+def run_overrides(label, overrides, data, out):
+    """The yaml overrides of one model's run: its data, its output folder ``out/label``, ``overrides``."""
+    return {"data_folder": str(data), "output_folder": str(Path(out) / label), **overrides}
+
+
 def build(label, yaml_path, overrides, data, out):
     """The Brain, the train DataLoader and the test dataset, as train.py builds them."""
     from prepare_wsj0mix import prepare_wsj0mix
     from train import dataio_prep
 
-    base = {"data_folder": str(data), "output_folder": str(Path(out) / label)}
     with open(yaml_path, encoding="utf-8") as f:
-        hparams = load_hyperpyyaml(f, {**base, **overrides})
+        hparams = load_hyperpyyaml(f, run_overrides(label, overrides, data, out))
     prepare_wsj0mix(hparams["data_folder"], hparams["save_folder"], n_spks=hparams["num_spks"],
                     sample_rate=hparams["sample_rate"], version=hparams["data_version"])
     datasets = dataio_prep(hparams)
@@ -286,14 +290,15 @@ def main(argv=None):
     for label, path, overrides in models:
         log(f"{label}: {path.name} {overrides or ''}")
         torch.manual_seed(args.seed)
-        brain, loader, test_set = build(label, path, {"seed": args.seed, **overrides}, args.data, out)
+        run = {"seed": args.seed, **overrides}
+        brain, loader, test_set = build(label, path, run, args.data, out)
         if hasattr(brain.hparams, "separation_options"):
             brain.hparams.separation_options = {**brain.hparams.separation_options, "num_steps": args.eval_steps}
         items = held_out(test_set, args.n_eval, args.eval_seconds, int(brain.hparams.sample_rate))
         saver = None
         if args.save and "score_model" in brain.modules:
-            base = {"data_folder": str(args.data), "output_folder": str(out / label), "seed": args.seed}
-            saver = make_saver(brain, path, {**base, **overrides}, out / label)
+            saver = make_saver(brain, path, run_overrides(label, run, args.data, out), out / label)
+
         def progress(curve, label=label):
             (out / "learning_curves.json").write_text(json.dumps({**curves, label: curve}, indent=1))
 
