@@ -20,11 +20,12 @@ setup(
         "numpy",
         "pesq",
         "pystoi",
+        "scipy",
         "soundfile",
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "scipy", "fast_bss_eval"],
+        "test": ["pytest", "scipy", "fast_bss_eval", "psutil"],
         "eval": ["speechmos", "onnxruntime", "librosa"],
     },
     # inference templates used by `python -m speechbrain_diffsep.export` outside a source checkout

@@ -316,12 +316,32 @@ def plot_train_log(train_log, png_path):
     return len(rows)
 
 
+def finish_distributed():
+    """Wait for every rank, then destroy the process group (no-op without DDP).
+
+    A torchrun worker that exits with its gloo/NCCL group alive can abort in the group's
+    destructor ("terminate called without an active exception", SIGABRT) after its work is done,
+    and torchrun then reports a finished job as failed. Destroying the group first makes every
+    rank of a finished job exit 0.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cli_main(main, argv=None):
-    """Run ``main(argv)``; a missing/bad data or model folder exits with one ``error: ...`` line."""
+    """Run ``main(argv)``; a missing/bad data or model folder exits with one ``error: ...`` line.
+
+    On success under torchrun the process group is destroyed (:func:`finish_distributed`).
+    """
     try:
-        return main(argv)
+        result = main(argv)
     except (FileNotFoundError, RecipeError) as err:
         sys.exit(f"error: {err}")
+    finish_distributed()
+    return result
 
 
 # --------------------------------------------------------------------------- pretrained models

@@ -112,10 +112,36 @@ def _train_cmd(hparams, data, out, extra=(), nproc=1, recipe=RECIPE):
     ]
 
 
+def _kill_tree(proc):
+    """SIGKILL ``proc`` and every process below it (torchrun's workers run in sessions of their own)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [*family]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+
+
 def _run(cmd, timeout=240):
-    proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    """Run ``cmd`` to the end, pipes drained while it runs; on timeout kill the whole tree and fail."""
+    proc = subprocess.Popen(
+        cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}\n{err[-5000:]}"
+    return result
 
 
 def _read_rank_log(path):
@@ -237,7 +263,9 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path):
 # --------------------------------------------------------------------------- DDP
 def test_two_process_ddp_trains_disjoint_examples_to_identical_weights(data_folder, tmp_path):
     out = tmp_path / "ddp"
-    _run(_train_cmd("diffsep_small_paper.yaml", data_folder, out, TINY_DIFFSEP + ["--number_of_epochs=1"], nproc=2))
+    proc = _run(_train_cmd("diffsep_small_paper.yaml", data_folder, out, TINY_DIFFSEP + ["--number_of_epochs=1"], nproc=2))
+    # every rank exited 0 (torchrun returned 0) and none aborted in a destructor at exit
+    assert "terminate called" not in proc.stdout + proc.stderr
     b0, p0 = _read_rank_log(out / "rank_logs" / "rank0.txt")
     b1, p1 = _read_rank_log(out / "rank_logs" / "rank1.txt")
     ids0 = [i for _, _, ids in b0 for i in ids]

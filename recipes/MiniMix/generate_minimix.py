@@ -26,6 +26,7 @@ Usage::
 import argparse
 import csv
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -35,8 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
+from scipy.signal import resample_poly
 
 SPLITS = ("tr", "cv", "tt")
 INSTALL_HINT = "MiniMix needs flite and espeak-ng: apt-get install flite espeak-ng"
@@ -169,9 +169,23 @@ def active_rms(x, sample_rate, threshold_db=-30.0):
     return rms
 
 
+def resample(x, rate, sample_rate):
+    """``x`` (float32, 1-D) from ``rate`` to ``sample_rate`` with scipy's polyphase filter in float64.
+
+    Deterministic whatever the thread count: the synthesis runs in worker threads, and torch's
+    resampling convolution may sum in a different order there (MiniMix must be bit-identical
+    for a seed, ``tests/test_minimix.py``). scipy's ``upfirdn`` is single-threaded C.
+    """
+    if rate == sample_rate:
+        return np.asarray(x, dtype=np.float32)
+    g = math.gcd(int(rate), int(sample_rate))
+    y = resample_poly(np.asarray(x, dtype=np.float64), int(sample_rate) // g, int(rate) // g)
+    return y.astype(np.float32)
+
+
 def synthesize(speaker, text, sample_rate, cache_dir):
     """Speech of ``speaker`` saying ``text`` at ``sample_rate`` (float32, silence trimmed, cached)."""
-    key = hashlib.sha1(f"{speaker}|{SPEAKERS[speaker]}|{sample_rate}|{text}".encode()).hexdigest()
+    key = hashlib.sha1(f"{speaker}|{SPEAKERS[speaker]}|{sample_rate}|{text}|poly".encode()).hexdigest()
     path = os.path.join(cache_dir, f"{key}.npy")
     if os.path.isfile(path):
         return np.load(path)
@@ -179,10 +193,8 @@ def synthesize(speaker, text, sample_rate, cache_dir):
         raw = os.path.join(tmp, "raw.wav")
         _synth_raw(speaker, text, raw)
         x, rate = sf.read(raw, dtype="float32", always_2d=True)
-    x = torch.from_numpy(x[:, 0].copy())
-    if rate != sample_rate:
-        x = torchaudio.functional.resample(x, rate, sample_rate)
-    x = trim_silence(x.numpy(), sample_rate)
+    x = resample(x[:, 0], rate, sample_rate)
+    x = trim_silence(x, sample_rate)
     os.makedirs(cache_dir, exist_ok=True)
     tmp_path = f"{path}.{os.getpid()}.tmp.npy"
     np.save(tmp_path, x.astype(np.float32))
