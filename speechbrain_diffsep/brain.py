@@ -34,7 +34,7 @@ import speechbrain as sb
 from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 from speechbrain.utils.distributed import if_main_process
 
-from .losses import training_loss
+from .objectives import check_objective, training_loss
 from .metrics import SeparationMetricStats
 from .ncsnpp import NCSNpp
 from .normalize import normalize_batch
@@ -498,7 +498,7 @@ class DiffSepBrain(SeparationBrain):
     """DiffSep training (score matching + p_T loss) with an EMA of the weights.
 
     hparams used (on top of :class:`SeparationBrain`'s): ``sde`` (a :class:`.sde.MixingSDE`),
-    ``loss_options`` (passed to :func:`.losses.training_loss`), ``ema_decay``,
+    ``loss_options`` (passed to :func:`.objectives.training_loss`), ``ema_decay``,
     ``separation_options`` (test: ``sampler``, ``num_steps`` and the sampler's options, passed
     to :func:`.pipeline.separate_mixture`) and ``valid_separation_options``.
     The module ``score_model`` is called as ``score = model(x_t (B,K,n), t (B,), y (B,1,n))``.
@@ -518,6 +518,8 @@ class DiffSepBrain(SeparationBrain):
                 f"sde.num_sources={sde.num_sources} differs from num_spks={self.num_spks}; "
                 "build the SDE with num_sources: !ref <num_spks>"
             )
+        options = getattr(self.hparams, "loss_options", None) or {}
+        check_objective(options.get("objective", "score"), self.modules.score_model, sde)
         # The ScoreModel combines the NCSN++ output into complex spectra and inverts the STFT;
         # under autocast that part must get float32 (torch.complex rejects bfloat16).
         for module in self.modules.score_model.modules():

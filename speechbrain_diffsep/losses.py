@@ -77,17 +77,46 @@ def shuffle_sources(s, generator=None):
     return torch.gather(s, 1, order[:, :, None].expand_as(s))
 
 
-def draw_training_inputs(sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, t_max=None):
+def mismatch_state(sde, s, t, z, y=None):
+    """The state a deterministic sampler started from the prior reaches at ``t`` (perfect denoiser).
+
+    ``x_t = mu_t(s) + L_t z - r2(t) e^{-gamma T} Pbar s`` with ``r2(t) = sqrt(lambda_2(t) / lambda_2(T))``:
+    the prior's residual ``x_T - mu_T(s) = L_T z - e^{-gamma T} Pbar s`` carried to ``t`` by the
+    DDIM step (``sampling.ddim_step``), which shrinks it by ``sqrt(lambda_k(t) / lambda_k(T))`` on
+    each eigen-subspace; on span(1) that leaves ``sqrt(lambda_1(t)) P z``. At ``t = T`` it is the
+    prior draw ``y/K + L_T z``. Derivation: ``speechbrain_diffsep/MATH.md``.
+    """
+    _check_signals(s, "s", sde.num_sources)
+    t = sde._time(t, s)
+    _, lam2 = sde.eigenvalues(t)
+    _, lam2_T = sde.eigenvalues(torch.full_like(t, sde.T))
+    r2 = (lam2 / lam2_T).sqrt().to(s.dtype)
+    offset = (r2 * torch.exp(torch.tensor(-sde.gamma * sde.T, dtype=s.dtype)))[:, None, None]
+    x, _ = sde.sample_marginal(s, t, z=z, y=y)
+    return x - offset * (s - s.mean(dim=1, keepdim=True))
+
+
+def draw_training_inputs(
+    sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, t_max=None,
+    mismatch_p=0.0, mismatch_above=0.5,
+):
     """The random part of a training step, shared by the score and the denoiser losses.
 
     Per example: with probability ``p_T`` the prior branch (``t = T``, ``x = y/K + L_T z``, sources
     in the given order), otherwise shuffled sources (when ``shuffle``), ``t`` from
-    :func:`sample_time` and ``x = mu_t(s) + L_t z``. Returns ``(s, t, z, x, use_prior)``.
+    :func:`sample_time` and ``x = mu_t(s) + L_t z``. Mismatch-aware training: with probability
+    ``mismatch_p`` an example not on the prior branch gets ``t ~ U[mismatch_above, T]`` and the
+    sampler's carried state :func:`mismatch_state` instead (data-prediction objectives only: the
+    target stays ``s``). Returns ``(s, t, z, x, use_prior)``.
     """
     _check_signals(s, "s", sde.num_sources)
     _check_mixture(y)
     if not 0.0 <= p_T <= 1.0:
         raise ValueError(f"p_T must be a probability in [0, 1], got {p_T}")
+    if not 0.0 <= mismatch_p <= 1.0:
+        raise ValueError(f"mismatch_p must be a probability in [0, 1], got {mismatch_p}")
+    if mismatch_p > 0 and not sde.t_eps <= mismatch_above < sde.T:
+        raise ValueError(f"mismatch_above must lie in [t_eps={sde.t_eps}, T={sde.T}), got {mismatch_above}")
     B = s.shape[0]
     dev, dt = s.device, s.dtype
     use_prior = torch.rand(B, generator=generator, device=dev) < p_T
@@ -98,6 +127,11 @@ def draw_training_inputs(sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sam
     z = torch.randn(s.shape, generator=generator, dtype=dt, device=dev)
     x_t, _ = sde.sample_marginal(s, t, z=z, y=y)
     x = torch.where(use_prior[:, None, None], sde.prior_sample(y, z=z), x_t)
+    if mismatch_p > 0:
+        use_mm = (torch.rand(B, generator=generator, device=dev) < mismatch_p) & ~use_prior
+        t_mm = mismatch_above + (sde.T - mismatch_above) * torch.rand(B, generator=generator, device=dev, dtype=dt)
+        t = torch.where(use_mm, t_mm, t)
+        x = torch.where(use_mm[:, None, None], mismatch_state(sde, s, t, z, y=y), x)
     return s, t, z, x, use_prior
 
 
@@ -150,28 +184,3 @@ def score_matching_loss(
             loss_prior = denoising_score_loss(score, prior_mismatch_noise(z, s, y, sde), sde, t, y=y)
         loss = torch.where(use_prior, loss_prior, loss)
     return loss, use_prior
-
-
-def training_loss(score_model, sde, s, y, generator=None, objective="score", **options):
-    """The loss the Brain calls: ``(per-example loss (batch,), info dict)``.
-
-    ``objective="score"`` is the paper's score-matching loss (:func:`score_matching_loss`);
-    ``objective="denoiser"`` is the EDM-style data-prediction loss of
-    :func:`speechbrain_diffsep.precond.denoiser_loss` and needs a
-    :class:`~speechbrain_diffsep.precond.PreconditionedScoreModel`. ``options`` come from the yaml's
-    ``loss_options`` (``p_T``, ``shuffle``, ``t_sampling``, ``t_power``).
-    """
-    if objective == "score":
-        loss, use_prior = score_matching_loss(score_model, sde, s, y, generator=generator, **options)
-    elif objective == "denoiser":
-        from .precond import denoiser_loss
-
-        if not hasattr(getattr(score_model, "module", score_model), "denoise"):  # DDP wraps in .module
-            raise ValueError(
-                "objective 'denoiser' needs a PreconditionedScoreModel as score_model; "
-                "wrap the network with speechbrain_diffsep.precond.PreconditionedScoreModel in the yaml"
-            )
-        loss, use_prior = denoiser_loss(score_model, sde, s, y, generator=generator, **options)
-    else:
-        raise ValueError(f"unknown objective {objective!r}; use 'score' or 'denoiser'")
-    return loss, {"use_prior": use_prior}

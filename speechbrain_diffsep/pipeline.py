@@ -2,7 +2,8 @@
 
 import torch
 
-from .normalize import fit_gains_to_mixture, mixture_consistency, normalize_batch, rescale_to_mixture
+from .flow import SeparationFlow
+from .normalize import denormalize, fit_gains_to_mixture, mixture_consistency, normalize_batch, rescale_to_mixture
 from .sampling import get_sampler
 
 
@@ -21,7 +22,8 @@ def separate_mixture(
 
     The sampler runs in the domain normalized by the mixture's statistics (as the reference's
     ``separate.py``); each estimate is then rescaled by its least-squares gain onto the original
-    mixture. ``init`` (an estimate in the original domain, e.g. from another separator, at any
+    mixture (a flow-matching model's estimates, which sum to the mixture, are denormalized instead,
+    so they still sum to it). ``init`` (an estimate in the original domain, e.g. from another separator, at any
     scale: its gains are first fitted to the mixture) starts the sampler at ``opts["t_start"]``
     (refiner mode). ``consistency=True`` projects the final
     estimates so that they sum to the mixture. Returns ``(estimate, nfe)``.
@@ -49,7 +51,12 @@ def separate_mixture(
     if num_steps is not None:
         opts["num_steps"] = num_steps
     est, nfe = fn(score_fn, sde, mix_n, generator=generator, **opts)
-    est = rescale_to_mixture(est, mix)
+    if isinstance(sde, SeparationFlow):
+        # a flow's estimates sum to the normalized mixture by construction: undo the normalization
+        # (each source gets mean/K) and they sum to the mixture itself
+        est = denormalize(est, mean / sde.num_sources, std)
+    else:
+        est = rescale_to_mixture(est, mix)
     if consistency:
         est = mixture_consistency(est, mix)
     return est, nfe

@@ -18,8 +18,11 @@ The network ``F`` should be built without ``scale_by_sigma`` (its output is not 
 """
 
 
+from itertools import permutations
+
 import torch
 
+from .losses import draw_training_inputs
 from .sde import MixingSDE
 
 
@@ -107,7 +110,7 @@ class PreconditionedScoreModel(torch.nn.Module):
 
 def denoiser_loss(
     model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, pit_above=None,
-    t_max=None,
+    t_max=None, mismatch_p=0.0, mismatch_above=0.5,
 ):
     """Data-prediction loss for :class:`PreconditionedScoreModel`, with the p_T permutation branch.
 
@@ -118,14 +121,14 @@ def denoiser_loss(
     the orders (a blurred estimate that few-step samplers cannot fix), while the min lets it
     commit to a separation, as a PIT-trained separator does (this project's choice, after the
     p_T loss of the paper and permutation-invariant training).
+    Mismatch-aware training (``mismatch_p > 0``): that share of the examples is built as the
+    sampler builds its states from the prior (:func:`.losses.mismatch_state`, ``t`` uniform in
+    ``[mismatch_above, T]``), so the network learns the states it meets when sampling.
     Returns ``(loss (batch,), use_pit (batch,))``.
     """
-    from itertools import permutations
-
-    from .losses import draw_training_inputs
-
     s, t, _, x, use_prior = draw_training_inputs(
-        sde, s, y, p_T, generator, shuffle, t_sampling=t_sampling, t_power=t_power, t_max=t_max
+        sde, s, y, p_T, generator, shuffle, t_sampling=t_sampling, t_power=t_power, t_max=t_max,
+        mismatch_p=mismatch_p, mismatch_above=mismatch_above,
     )
     d = model(x, t, y, output="denoised")  # through forward (DDP-safe)
     c_out = getattr(model, "module", model).scalings(t)[2]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from speechbrain_diffsep.losses import training_loss
+from speechbrain_diffsep.objectives import training_loss
 from speechbrain_diffsep.precond import PreconditionedScoreModel, denoiser_loss
 from speechbrain_diffsep.sde import MixingSDE
 
@@ -104,3 +104,32 @@ def test_pit_above_takes_the_better_order_only_at_high_t(sde):
     assert used.any() and (~used).any()
     assert float(loss[used].detach().max()) < 1e-18
     assert float(loss[~used].detach().min()) > 1.0
+
+
+def test_mismatch_aware_training_builds_the_samplers_states(sde):
+    """mismatch_p = 1: every example (off the prior branch) is the closed-form carried state at a
+    t in [mismatch_above, T]; mismatch_p = 0 leaves the true marginals (same draws otherwise)."""
+    from speechbrain_diffsep.losses import draw_training_inputs, mismatch_state
+
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(64, 2, 30, generator=g, dtype=torch.float64)
+    y = s.sum(1, keepdim=True)
+    s2, t, z, x, use_prior = draw_training_inputs(
+        sde, s, y, p_T=0.25, generator=torch.Generator().manual_seed(1), mismatch_p=1.0, mismatch_above=0.6
+    )
+    mm = ~use_prior
+    assert 0 < int(mm.sum()) < 64
+    assert bool((t[mm] >= 0.6).all()) and bool((t[mm] <= sde.T).all())
+    assert torch.allclose(x[mm], mismatch_state(sde, s2[mm], t[mm], z[mm], y=y[mm]), atol=1e-12)
+    assert torch.allclose(x[use_prior], sde.prior_sample(y[use_prior], z=z[use_prior]), atol=1e-12)
+    # the carried states are not the true marginals
+    true_x, _ = sde.sample_marginal(s2[mm], t[mm], z=z[mm])
+    assert float((x[mm] - true_x).abs().max()) > 1e-3
+    _, t0, z0, x0, _ = draw_training_inputs(sde, s, y, p_T=0.25, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(x0[mm], sde.sample_marginal(s2[mm], t0[mm], z=z0[mm])[0], atol=1e-12)
+    with pytest.raises(ValueError, match="mismatch_p must be a probability"):
+        draw_training_inputs(sde, s, y, mismatch_p=1.5)
+    with pytest.raises(ValueError, match="mismatch_above must lie"):
+        draw_training_inputs(sde, s, y, mismatch_p=0.5, mismatch_above=1.0)
+    with pytest.raises(ValueError, match="mismatch_p needs objective 'denoiser'"):
+        training_loss(lambda x, t, y: torch.zeros_like(x), sde, s, y, objective="score", mismatch_p=0.5)

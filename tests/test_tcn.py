@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from speechbrain_diffsep.flow import FLOW_SAMPLERS, FlowModel, SeparationFlow
 from speechbrain_diffsep.precond import PreconditionedScoreModel, denoiser_loss
 from speechbrain_diffsep.sampling import SAMPLERS
 from speechbrain_diffsep.sde import MixingSDE
@@ -107,17 +108,33 @@ def test_learns_a_fixed_batch_through_the_denoiser_loss():
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_with_it(name):
-    sde = MixingSDE(num_sources=2)
-    model = PreconditionedScoreModel(ConditionedTasNet(sde=sde, **TINY), sde, sigma_data=0.5).eval()
+    if name in FLOW_SAMPLERS:  # the flow objective's model
+        sde = SeparationFlow(num_sources=2)
+        model = FlowModel(ConditionedTasNet(sde=None, **TINY), sde, sigma_data=0.5).eval()
+    else:
+        sde = MixingSDE(num_sources=2)
+        model = PreconditionedScoreModel(ConditionedTasNet(sde=sde, **TINY), sde, sigma_data=0.5).eval()
     y = torch.randn(1, 1, 640)
     with torch.no_grad():
         est, nfe = SAMPLERS[name](model, sde, y, num_steps=3, generator=torch.Generator().manual_seed(0))
     assert est.shape == (1, 2, 640) and nfe >= 2 and torch.isfinite(est).all()
 
 
-def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
-    """diffsep_small.yaml (tiny sizes) -> recipe folder -> export -> DiffSepSeparation gives the
-    sampler's output of the source model; the exported yaml names the network, not an nf."""
+@pytest.mark.parametrize(
+    "yaml_name, sampler, opts, nfe_expected",
+    [
+        ("diffsep_small.yaml", "ode", {}, 5),
+        ("diffsep_small.yaml", "ode", {"restart_t": 0.5}, 6),
+        ("diffsep_small.yaml", "ddim", {}, 3),
+        ("flow_small.yaml", "euler", {}, 3),
+        ("flow_small.yaml", "heun", {}, 5),
+        ("flow_small.yaml", "midpoint", {}, 6),
+    ],
+)
+def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path, yaml_name, sampler, opts, nfe_expected):
+    """A recipe yaml (tiny sizes) -> recipe folder -> export -> DiffSepSeparation gives the
+    sampler's output of the source model; the exported yaml names the network, not an nf.
+    Both objectives (DiffSep's SDE, flow matching) and their samplers."""
     from pathlib import Path
 
     from hyperpyyaml import load_hyperpyyaml, resolve_references
@@ -128,7 +145,7 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
     from speechbrain_diffsep.inference import DiffSepSeparation
     from speechbrain_diffsep.pipeline import separate_mixture
 
-    yaml_path = Path(__file__).parents[1] / "recipes/WSJ0Mix/separation/hparams/diffsep_small.yaml"
+    yaml_path = Path(__file__).parents[1] / "recipes/WSJ0Mix/separation/hparams" / yaml_name
     out = tmp_path / "run"
     overrides = {"data_folder": str(tmp_path), "output_folder": str(out), "N": 16, "B": 8, "H": 16, "X": 2,
                  "emb_dim": 8}
@@ -154,11 +171,11 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path):
     folder = DiffSepSeparation.from_hparams(source=str(tmp_path / "m"), savedir=str(tmp_path / "save"))
     src = ema.module.eval()
     mix = torch.randn(1, 2400, generator=torch.Generator().manual_seed(3))
-    est = folder.separate_batch(mix, sampler="ode", num_steps=3, seed=7)
+    est = folder.separate_batch(mix, sampler=sampler, num_steps=3, seed=7, **opts)
     with torch.no_grad():
-        ref, nfe = separate_mixture(src, hp["sde"], mix[:, None], sampler="ode", num_steps=3,
-                                    generator=torch.Generator().manual_seed(7))
-    assert nfe == 5
+        ref, nfe = separate_mixture(src, hp["sde"], mix[:, None], sampler=sampler, num_steps=3,
+                                    generator=torch.Generator().manual_seed(7), **opts)
+    assert nfe == nfe_expected
     assert torch.allclose(est, ref.transpose(1, 2), atol=1e-5)
     assert float(est.abs().max()) > 1e-3
 
