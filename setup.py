@@ -11,6 +11,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["speechbrain_diffsep", "speechbrain_diffsep.*"]),
+    package_data={"speechbrain_diffsep": ["MATH.md"]},
     python_requires=">=3.9",
     install_requires=[
         "speechbrain>=1.0",

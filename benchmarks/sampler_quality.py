@@ -139,31 +139,80 @@ def _score_model_runs(model, utts, run, label, args):
     return row
 
 
+NFE_GRID = (1, 2, 3, 5, 10, 20, 60)
+
+
+def nfe_of(name, steps, restart=False):
+    """Network calls of a sampler run (the formulas the samplers' docstrings state)."""
+    n = {
+        "pc": 2 * steps, "em": steps, "ode": 2 * (max(steps, 2) - 1) + 1, "edm": 2 * (max(steps, 2) - 1) + 1,
+        "ddim": steps, "euler": steps, "heun": 2 * steps - 1, "midpoint": 2 * steps,
+    }[name]
+    return n + (1 if restart else 0)
+
+
+def steps_for(name, target, restart=False):
+    """The step count whose NFE is closest to ``target`` (ties: fewer calls)."""
+    lo = 2 if name in ("ode", "edm") else 1
+    return min(range(lo, 200), key=lambda n: (abs(nfe_of(name, n, restart) - target), nfe_of(name, n, restart)))
+
+
+def parse_spec(spec):
+    """``NAME[@key=value,...]`` -> ``(label, name, options)``, e.g. ``ode@restart_t=0.5``."""
+    import yaml
+
+    name, _, rest = spec.partition("@")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        opts[key] = yaml.safe_load(value)
+    if name not in SAMPLERS:
+        raise SystemExit(f"unknown sampler {name!r} in --samplers; choose from {sorted(SAMPLERS)}")
+    return spec, name, opts
+
+
 def run_model(args):
-    """SI-SDRi vs NFE of every sampler on a trained model; optional refiner and consistency rows."""
+    """SI-SDRi (PESQ, ESTOI, OVRL) vs NFE of the given samplers on a trained model folder.
+
+    ``--samplers`` takes specs ``NAME[@opt=value,...]`` (default: the samplers that fit the model:
+    the flow samplers for a flow-matching model, else ode, ddim, edm and pc, with and without
+    ``restart_t=0.5``); every spec runs at the step count closest to each ``--nfe`` target
+    (duplicates dropped), plus the paper's PC-30 (60 NFE) for a DiffSep model. Optional refiner rows.
+    """
     import csv
 
+    from speechbrain_diffsep.flow import FLOW_SAMPLERS, SeparationFlow
     from speechbrain_diffsep.inference import DiffSepSeparation, _load_separator
 
     model = DiffSepSeparation.from_hparams(source=args.model, savedir=args.model)
     model.set_initial_separator(None)  # sampler rows: DiffSep alone, from the prior (even for a refiner folder)
     with open(args.data) as f:
         utts = list(csv.DictReader(f))[: args.n_utts]
-    grid = {k: (args.steps or v) for k, v in GRID.items() if not args.samplers or k in args.samplers}
-    if args.max_nfe:
-        grid = {k: [n for n in v if n * 2 <= args.max_nfe + 2] for k, v in grid.items()}
+    is_flow = isinstance(model.hparams.sde, SeparationFlow)
+    if args.samplers:
+        specs = [parse_spec(x) for x in args.samplers]
+    elif is_flow:
+        specs = [parse_spec(x) for x in FLOW_SAMPLERS]
+    else:
+        specs = [parse_spec(x) for x in ("ode", "ode@restart_t=0.5", "ddim", "ddim@restart_t=0.5", "edm@restart_t=0.5",
+                                         "pc", "pc@restart_t=0.5")]
     rows = []
-    for name, steps_list in grid.items():
-        for steps in steps_list:
-            def run(mix, seed, name=name, steps=steps):
-                return model.separate_batch(mix, sampler=name, num_steps=steps, seed=seed)
+    for label, name, opts in specs:
+        restart = opts.get("restart_t") is not None
+        plan = dict.fromkeys(steps_for(name, n, restart) for n in (args.steps and [] or args.nfe))
+        for steps in list(plan) + list(args.steps or []):
+            if args.max_nfe and nfe_of(name, steps, restart) > args.max_nfe + 1:
+                continue
 
-            rows.append(dict(sampler=name, steps=steps, **_score_model_runs(model, utts, run, f"{name}-{steps}", args)))
+            def run(mix, seed, name=name, steps=steps, opts=opts):
+                return model.separate_batch(mix, sampler=name, num_steps=steps, seed=seed, **opts)
+
+            rows.append(dict(sampler=label, steps=steps, **_score_model_runs(model, utts, run, f"{label}-{steps}", args)))
             if args.consistency:
-                def run_c(mix, seed, name=name, steps=steps):
-                    return model.separate_batch(mix, sampler=name, num_steps=steps, seed=seed, consistency=True)
+                def run_c(mix, seed, name=name, steps=steps, opts=opts):
+                    return model.separate_batch(mix, sampler=name, num_steps=steps, seed=seed, consistency=True, **opts)
 
-                rows.append(dict(sampler=name + "+mc", steps=steps, **_score_model_runs(model, utts, run_c, f"{name}-{steps}+mc", args)))
+                rows.append(dict(sampler=label + "+mc", steps=steps, **_score_model_runs(model, utts, run_c, f"{label}-{steps}+mc", args)))
     if args.init_model:
         sep = _load_separator(args.init_model)
         rows.append(dict(sampler="init-only", steps=0, **_score_model_runs(None, utts, lambda m, s: sep.separate_batch(m), "initial separator alone", args)))
@@ -176,6 +225,22 @@ def run_model(args):
                 rows.append(dict(sampler=f"refine@{t_start}", steps=steps, **_score_model_runs(model, utts, run_r, f"refine t={t_start} {steps}", args)))
         model.set_initial_separator(None)
     return rows
+
+
+def summary(rows, key="si_sdri", tol_db=0.5):
+    """Per sampler: best score, the score at 1-2 NFE (its fewest), the largest drop from the best to any
+    later (more-NFE) setting, and whether more calls ever cost more than ``tol_db``."""
+    out = []
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        rs = sorted((r for r in rows if r["sampler"] == name and key in r), key=lambda r: r["nfe"])
+        if not rs:
+            continue
+        vals = [r[key] for r in rs]
+        drop = max((max(vals[: i + 1]) - v for i, v in enumerate(vals)), default=0.0)
+        best = max(rs, key=lambda r: r[key])
+        out.append(dict(sampler=name, fewest_nfe=rs[0]["nfe"], at_fewest=vals[0], best=best[key], best_nfe=best["nfe"],
+                        max_drop_with_more_nfe=drop, never_degrades=drop <= tol_db))
+    return out
 
 
 def first_within(rows, reference=("pc", 30), tol_db=0.2, key="si_sdri"):
@@ -201,6 +266,15 @@ def write_outputs(rows, out, title):
         f.write(f"# {title}\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
         for r in rows:
             f.write("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |\n")
+        summ = summary(rows)
+        if summ and "si_sdri" in rows[0]:
+            f.write("\nPer sampler (SI-SDRi, dB): best setting, and the largest loss when adding calls "
+                    "(from the best so far to any setting with more NFE):\n\n"
+                    "| sampler | fewest NFE | SI-SDRi there | best | at NFE | max drop with more NFE | never > 0.5 dB worse |\n"
+                    "|---|---|---|---|---|---|---|\n")
+            for r in summ:
+                f.write(f"| {r['sampler']} | {r['fewest_nfe']:g} | {r['at_fewest']:.2f} | {r['best']:.2f} | "
+                        f"{r['best_nfe']:g} | {r['max_drop_with_more_nfe']:.2f} | {'yes' if r['never_degrades'] else 'no'} |\n")
         ref, first = first_within(rows)
         if ref is not None:
             f.write(f"\nFewest network calls within 0.2 dB of PC-30 (60 NFE, SI-SDRi {ref:.2f} dB):\n\n")
@@ -244,8 +318,9 @@ def main():
     p.add_argument("--n-utts", type=int, default=10)
     p.add_argument("--pesq", action="store_true", help="also PESQ and ESTOI (model mode)")
     p.add_argument("--dnsmos", action="store_true", help="also DNSMOS OVRL (model mode; slow)")
-    p.add_argument("--samplers", nargs="*", help="subset of samplers (model mode)")
-    p.add_argument("--steps", type=int, nargs="*", help="step counts to try (model mode; default: a grid per sampler)")
+    p.add_argument("--samplers", nargs="*", help="sampler specs NAME[@opt=value,...] (model mode), e.g. ode@restart_t=0.5")
+    p.add_argument("--nfe", type=int, nargs="*", default=list(NFE_GRID), help="NFE targets (model mode)")
+    p.add_argument("--steps", type=int, nargs="*", help="step counts to try instead of the NFE targets (model mode)")
     p.add_argument("--max-nfe", type=int, help="skip step counts above about this many network calls")
     p.add_argument("--consistency", action="store_true", help="also rows with mixture consistency")
     p.add_argument("--init-model", help="SepformerSeparation folder (e.g. Conv-TasNet) for refiner rows")
