@@ -44,7 +44,11 @@ def build_parser(prog, task):
     p.add_argument("--model", required=True, metavar="DIR", help="model folder (hyperparams.yaml + score_model.ckpt)")
     p.add_argument("--out", default=".", metavar="DIR", help="output folder (default: the current folder)")
     p.add_argument("--steps", type=int, help="number of sampler steps (default: the model's yaml)")
-    p.add_argument("--sampler", help="sampler name: pc, em, ode, edm (default: the model's yaml)")
+    p.add_argument("--sampler", help="sampler name: pc, em, ode, edm, ddim (DiffSep's SDE) or euler, heun, "
+                   "midpoint (flow-matching models) (default: the model's yaml)")
+    p.add_argument("--restart-t", type=float, metavar="T",
+                   help="SDE samplers: restart at this diffusion time after one call at T (e.g. 0.5; "
+                        "default: the model's yaml)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (SpeechBrain's run option; the first call compiles, "
@@ -142,7 +146,7 @@ def run(task, argv=None, prog=None):
         for problem in problems:
             report(f"error: {problem}")
         failures += len(problems)
-        options = dict(num_steps=args.steps, sampler=args.sampler, seed=args.seed,
+        options = dict(num_steps=args.steps, sampler=args.sampler, seed=args.seed, restart_t=args.restart_t,
                        chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds)
         options = {k: v for k, v in options.items() if v is not None}
         used = {}

@@ -193,11 +193,14 @@ class FlowModel(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------- loss
-def flow_matching_loss(model, flow, s, y, generator=None, shuffle=True, pit_above=0.5, t_sampling="uniform", t_power=1.0):
+def flow_matching_loss(
+    model, flow, s, y, generator=None, shuffle=True, pit_above=0.5, t_sampling="uniform", t_power=1.0, p_one=0.0
+):
     """Conditional flow-matching loss, with the permutation-min where the source order is ambiguous.
 
     Per example: ``t ~ U[t_eps, 1]`` (``t_sampling="power"``: ``t_eps + (1 - t_eps) u^(1/t_power)``,
-    more weight near 1), ``x_t`` on the path. Data prediction: ``|Pbar (D - s)|^2 / c_out^2`` (EDM's
+    more weight near 1), and with probability ``p_one`` exactly ``t = 1`` (the prior, where the
+    network alone separates: the counterpart of DiffSep's p_T share), ``x_t`` on the path. Data prediction: ``|Pbar (D - s)|^2 / c_out^2`` (EDM's
     weighting, unit-variance regression target for F); velocity prediction:
     ``|v - (x_t - s)/t|^2 / (sigma^2 + sd^2)``. For ``t >= pit_above`` the minimum over source
     permutations of the target (``None``: never). Returns ``(loss (batch,), use_pit (batch,))``.
@@ -221,6 +224,10 @@ def flow_matching_loss(model, flow, s, y, generator=None, shuffle=True, pit_abov
     elif t_sampling != "uniform":
         raise ValueError(f"unknown t_sampling {t_sampling!r}; use 'uniform' or 'power'")
     t = flow.t_eps + (1 - flow.t_eps) * u
+    if not 0.0 <= p_one <= 1.0:
+        raise ValueError(f"p_one must be a probability in [0, 1], got {p_one}")
+    if p_one > 0:
+        t = torch.where(torch.rand(B, generator=generator, device=dev) < p_one, torch.ones_like(t), t)
     x, _, _ = flow.sample_path(s, t, y, generator=generator)
     out = model(x, t, y, output="velocity" if inner.prediction == "velocity" else "denoised")
     tb = t[:, None, None]

@@ -42,6 +42,7 @@ from speechbrain.utils.logger import get_logger
 
 from .chunking import separate_in_chunks
 from .pipeline import separate_mixture
+from .flow import SeparationFlow
 from .sampling import get_sampler
 
 logger = get_logger(__name__)
@@ -304,7 +305,7 @@ class _DiffSepInterface(Pretrained):
         ``separator`` is any object with SpeechBrain's ``separate_batch(mix [B, T]) -> [B, T, K]``
         (a ``SepformerSeparation``, e.g. SpeechBrain's Conv-TasNet or SepFormer models), a
         callable with that signature, or ``"self"`` for a fast first pass of this model (ODE, 2
-        steps). ``None`` switches refining off. ``t_start`` (default: the yaml's, else 0.5) sets
+        steps; Euler, 2 steps, for a flow-matching model). ``None`` switches refining off. ``t_start`` (default: the yaml's, else 0.5) sets
         how much of the estimate is kept: smaller keeps more.
         """
         if separator is not None and separator != "self" and not (
@@ -321,7 +322,9 @@ class _DiffSepInterface(Pretrained):
         if sep is None:
             return None
         if sep == "self":
-            est, nfe = separate_mixture(self.mods.score_model, self.hparams.sde, piece, sampler="ode", num_steps=2)
+            flow = isinstance(self.hparams.sde, SeparationFlow)  # a flow-matching model: its own sampler
+            est, nfe = separate_mixture(self.mods.score_model, self.hparams.sde, piece,
+                                        sampler="euler" if flow else "ode", num_steps=2)
             self.last_nfe += nfe
             return est
         fn = sep.separate_batch if hasattr(sep, "separate_batch") else sep

@@ -158,3 +158,21 @@ def test_python_dash_m_entry_point_has_no_traceback(model_dir, tmp_path):
         f"(Error opening '{tmp_path / 'bad.wav'}': Format not recognised.)"
     ]
     assert cli.main(["frobnicate"]) == 2
+
+
+def test_restart_option_reaches_the_sampler(model_dir, inputs, tmp_path, capsys):
+    """--restart-t is the sampler's restart_t: the files equal separate_file(..., restart_t=...), which
+    differ from the plain run; a value outside (t_eps, T) is a one-line error for that file."""
+    base = ["--model", str(model_dir), "--steps", "2", "--seed", "3", "--sampler", "ode", "--quiet"]
+    wav = str(inputs / "a.wav")
+    assert cli.separate_main([wav, "--out", str(tmp_path / "r"), "--restart-t", "0.5", *base]) == 0
+    model = DiffSepSeparation.from_hparams(source=str(model_dir))
+    ref = model.separate_file(wav, sampler="ode", num_steps=2, seed=3, restart_t=0.5)[0]
+    plain = model.separate_file(wav, sampler="ode", num_steps=2, seed=3)[0]
+    data = soundfile.read(tmp_path / "r" / "a_s1.wav", dtype="float32")[0]
+    assert np.abs(data - ref[:, 0].numpy()).max() < 1e-4
+    assert np.abs(data - plain[:, 0].numpy()).max() > 1e-3
+    capsys.readouterr()
+    assert cli.separate_main([wav, "--out", str(tmp_path / "bad"), "--restart-t", "1.0", *base]) == 1
+    err = lines(capsys.readouterr().err)
+    assert len(err) == 1 and "restart_t must lie in (t_eps=0.03, T=1.0)" in err[0] and "a.wav" in err[0]

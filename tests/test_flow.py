@@ -223,3 +223,22 @@ def test_refiner_start_and_bad_options():
         SeparationFlow(sigma=0.0)
     with pytest.raises(ValueError, match="prediction must be 'data' or 'velocity'"):
         FlowModel(torch.nn.Identity(), flow, prediction="eps")
+
+
+def test_p_one_puts_that_share_of_examples_at_the_prior():
+    flow = SeparationFlow()
+    seen = []
+
+    def out(x, t, y):
+        seen.append(t.clone())
+        return torch.zeros_like(x)
+
+    model = FlowModel(Capture(out), flow).double()
+    s, y = _sources(B=400, n=8)
+    flow_matching_loss(model, flow, s, y, generator=torch.Generator().manual_seed(0), p_one=0.3)
+    share = float((seen[-1] == 1.0).double().mean())
+    assert 0.24 < share < 0.36  # 0.3 +- 3 standard errors
+    flow_matching_loss(model, flow, s, y, generator=torch.Generator().manual_seed(0))
+    assert float((seen[-1] == 1.0).double().mean()) == 0.0
+    with pytest.raises(ValueError, match="p_one must be a probability"):
+        flow_matching_loss(model, flow, s, y, p_one=2.0)
