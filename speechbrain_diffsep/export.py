@@ -178,7 +178,7 @@ def _info(kind, source, model_obj, sample_rate, num_spks, task, **extra):
     inner = _find_score_model(model_obj)
     return {
         "source_kind": kind,
-        "source": str(source),
+        "source": Path(str(source)).name,  # no path of the machine it was made on
         "task": task,
         "sample_rate": int(sample_rate),
         "num_spks": int(num_spks),
@@ -379,7 +379,8 @@ def export_from_recipe(output_folder, out_dir, ckpt="best", hparams=None, metric
     state = model.state_dict()
     meta = {k: v for k, v in chosen.meta.items() if isinstance(v, (int, float, str))}
     info = _info("recipe", output_folder.resolve(), model, doc["sample_rate"], doc["num_spks"],
-                 "enhancement" if enhancement else "separation", checkpoint=str(Path(chosen.path).resolve()),
+                 "enhancement" if enhancement else "separation",
+                 checkpoint=str(Path(chosen.path).resolve().relative_to(output_folder.resolve())),
                  checkpoint_meta=meta, **ema_info)
     write_model_folder(out_dir, doc, state, info)
     verify_model_folder(out_dir, state)
@@ -422,8 +423,8 @@ def export_separator_from_recipe(output_folder, out_dir, ckpt="best", metric=Non
         shutil.copyfile(Path(chosen.path) / f"{n}.ckpt", out / f"{n}.ckpt")
     meta = {k: v for k, v in chosen.meta.items() if isinstance(v, (int, float, str))}
     (out / "export_info.json").write_text(json.dumps(
-        {"task": "separation", "interface": "ConvTasNetSeparation", "source": str(output_folder.resolve()),
-         "checkpoint": str(Path(chosen.path).resolve()), "checkpoint_meta": meta,
+        {"task": "separation", "interface": "ConvTasNetSeparation", "source": output_folder.resolve().name,
+         "checkpoint": str(Path(chosen.path).resolve().relative_to(output_folder.resolve())), "checkpoint_meta": meta,
          "sample_rate": doc["sample_rate"], "num_spks": doc["num_spks"], "nf": None}, indent=2))
     return out
 

@@ -167,6 +167,10 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path, yaml_name, 
     assert "tcn.ConditionedTasNet" in text and "\nnf:" not in text
     info = json.loads((tmp_path / "m" / "export_info.json").read_text())
     assert info["network"] == "ConditionedTasNet" and info["used_ema"] is True
+    # a shipped folder names no path of the machine it was made on
+    for name in ("hyperparams.yaml", "export_info.json", "README.md"):
+        assert str(tmp_path) not in (tmp_path / "m" / name).read_text(), name
+    assert info["source"] == "run" and info["checkpoint"].startswith("save/CKPT+")
 
     folder = DiffSepSeparation.from_hparams(source=str(tmp_path / "m"), savedir=str(tmp_path / "save"))
     src = ema.module.eval()
