@@ -191,3 +191,17 @@ def test_best_needs_a_metric_present_in_the_metas(recipe_run, tmp_path):
     out, _, _ = recipe_run
     with pytest.raises(ValueError, match="no checkpoint meta has metric pesq"):
         export.export_from_recipe(out, tmp_path / "m", metric="pesq")
+
+
+def test_shipped_folders_name_no_path_of_the_machine_they_were_made_on():
+    """Model folders, benchmark results and examples carry no absolute path of a build machine."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"(^|[^A-Za-z0-9_.])/(work|tmp|root|home|Users)/")
+    bad = []
+    for folder in ("pretrained", "benchmarks/results", "examples"):
+        for path in (root / folder).rglob("*"):
+            if path.suffix in (".md", ".json", ".yaml", ".txt", ".csv", ".sh") and pattern.search(path.read_text(errors="replace")):
+                bad.append(str(path.relative_to(root)))
+    assert bad == []
