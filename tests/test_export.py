@@ -6,6 +6,7 @@
 the other test files import it.
 """
 import json
+from pathlib import Path
 import time
 
 import pytest
