@@ -307,6 +307,71 @@ def write_outputs(rows, out, title):
     print(f"wrote {out}/sampler_quality.md and .png")
 
 
+def read_table(path):
+    """The rows of a ``sampler_quality.md`` written by this script (numbers as floats)."""
+    lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.startswith("|")]
+    keys = [k.strip() for k in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(keys) or cells[0] == "sampler" or set(cells[0]) <= {"-"}:
+            break  # the next table (the summary) starts
+        row = {}
+        for k, c in zip(keys, cells):
+            try:
+                row[k] = float(c)
+            except ValueError:
+                row[k] = c
+        rows.append(row)
+    return rows
+
+
+def merge(specs, out):
+    """``LABEL=DIR`` of several model runs -> one table (SI-SDRi, PESQ, ESTOI, OVRL per NFE) and one PNG."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for spec in specs:
+        label, _, folder = spec.partition("=")
+        for r in read_table(os.path.join(folder, "sampler_quality.md")):
+            rows.append(dict(r, model=label, sampler=f"{label}: {r['sampler']}"))
+    os.makedirs(out, exist_ok=True)
+    keys = ["model", "sampler", "steps", "nfe", "si_sdri", "pesq", "estoi", "ovrl"]
+    with open(os.path.join(out, "sampler_quality.md"), "w") as f:
+        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) and k in ("steps", "nfe")
+                                      else f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                      for k in keys) + " |\n")
+        f.write("\n| sampler | fewest NFE | SI-SDRi there | best | at NFE | max drop with more NFE | never > 0.5 dB worse |\n"
+                "|---|---|---|---|---|---|---|\n")
+        for r in summary(rows):
+            f.write(f"| {r['sampler']} | {r['fewest_nfe']:g} | {r['at_fewest']:.2f} | {r['best']:.2f} | "
+                    f"{r['best_nfe']:g} | {r['max_drop_with_more_nfe']:.2f} | {'yes' if r['never_degrades'] else 'no'} |\n")
+    metrics = [k for k in ("si_sdri", "pesq", "estoi", "ovrl") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4))
+    for ax, key in zip(axes, metrics):
+        for name in dict.fromkeys(r["sampler"] for r in rows):
+            rs = sorted((r for r in rows if r["sampler"] == name and key in r), key=lambda r: r["nfe"])
+            ax.plot([max(r["nfe"], 0.8) for r in rs], [r[key] for r in rs], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xticks([1, 2, 3, 5, 10, 20, 60])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("network calls (NFE)")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sampler_quality.png"), dpi=110)
+    print(open(os.path.join(out, "sampler_quality.md")).read())
+    print(f"wrote {out}/sampler_quality.md and .png")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problem", choices=["oracle", "model"], default="oracle")
@@ -326,7 +391,12 @@ def main():
     p.add_argument("--init-model", help="SepformerSeparation folder (e.g. Conv-TasNet) for refiner rows")
     p.add_argument("--t-starts", type=float, nargs="*", default=[0.2, 0.4, 0.6])
     p.add_argument("--refine-sampler", default="ode")
+    p.add_argument("--merge", nargs="+", metavar="LABEL=DIR",
+                   help="only combine the tables of several --problem model runs into one table and PNG in --out")
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(2)
     if args.problem == "oracle":
         rows = run_oracle(args)
