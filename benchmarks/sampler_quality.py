@@ -353,7 +353,8 @@ def merge(specs, out):
             f.write(f"| {r['sampler']} | {r['fewest_nfe']:g} | {r['at_fewest']:.2f} | {r['best']:.2f} | "
                     f"{r['best_nfe']:g} | {r['max_drop_with_more_nfe']:.2f} | {'yes' if r['never_degrades'] else 'no'} |\n")
     metrics = [k for k in ("si_sdri", "pesq", "estoi", "ovrl") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+    axes = axes[0]
     for ax, key in zip(axes, metrics):
         for name in dict.fromkeys(r["sampler"] for r in rows):
             rs = sorted((r for r in rows if r["sampler"] == name and key in r), key=lambda r: r["nfe"])
