@@ -17,11 +17,10 @@ sq = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sq)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-@pytest.mark.parametrize("restart", [False, True])
+@pytest.mark.parametrize(
+    "name, restart", [(n, False) for n in sorted(SAMPLERS)] + [(n, True) for n in sorted(SDE_SAMPLERS)]
+)
 def test_nfe_formula_is_what_the_samplers_report(name, restart):
-    if restart and name not in SDE_SAMPLERS:
-        pytest.skip("restart_t is an SDE-sampler option")
     sde = MixingSDE() if name in SDE_SAMPLERS else SeparationFlow()
     y = torch.randn(1, 1, 32)
     opts = {"restart_t": 0.5} if restart else {}
