@@ -23,7 +23,10 @@ The network predicts the sources through EDM-style scalings of the zero-sum part
 ``v = (x - D) / t``; with ``prediction="velocity"`` the network predicts ``v`` itself instead
 (``v = Pbar F(c_in Pbar x, t, y) * sqrt(sigma^2 + sd^2)``, unit-variance target) and ``D = x - t v``.
 Written here because no maintained library has this path (the separation-specific prior and the
-zero-sum noise); the samplers are small functions of ``(model, flow, y)`` like k-diffusion's.
+zero-sum noise); the samplers are small functions of ``(model, flow, y)`` like k-diffusion's. They
+take ``restart_t=`` like the SDE samplers: a flow has no prior mismatch, but a briefly trained one
+still degrades with many Euler steps (its early estimates are carried along), and the restart
+(one call at t = 1, fresh noise around that estimate at ``restart_t``) helps it the same way.
 """
 
 from itertools import permutations
@@ -261,12 +264,24 @@ def _check_flow(flow, y, num_steps):
         raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
 
 
-def flow_start(flow, y, generator=None, t_start=None, init=None):
-    """``x_1`` from the prior, or (refiner) the path's point at ``t_start`` around ``init``."""
+def flow_start(flow, y, generator=None, t_start=None, init=None, model=None, restart_t=None):
+    """Initial state, time and NFE spent: ``x_1`` from the prior; (refiner) the path's point at
+    ``t_start`` around ``init``; or (``restart_t``) one call at t = 1, ``D = x_1 - v(x_1, 1)``, then
+    the path's point at ``restart_t`` around ``D`` with fresh noise (as the SDE samplers' restart)."""
+    if restart_t is not None:
+        restart_t = float(restart_t)
+        if not 0 < restart_t < 1:
+            raise ValueError(f"restart_t must lie in (0, 1) for a flow, got {restart_t}; e.g. restart_t=0.5")
+        if init is not None or t_start not in (None, 1, 1.0):
+            raise ValueError("restart_t starts from the prior: it cannot be combined with init / t_start (refiner mode)")
+        x1 = flow.prior_sample(y, generator=generator)
+        est = x1 - _v(model, x1, 1.0, y)
+        x, _, _ = flow_start(flow, y, generator, restart_t, est)
+        return x, restart_t, 1
     if init is None:
         if t_start not in (None, 1, 1.0):
             raise ValueError("t_start < 1 needs an initial estimate: pass init=(batch, K, samples)")
-        return flow.prior_sample(y, generator=generator), 1.0
+        return flow.prior_sample(y, generator=generator), 1.0, 0
     t_start = float(t_start if t_start is not None else 1.0)
     if not 0 < t_start <= 1:
         raise ValueError(f"t_start must lie in (0, 1], got {t_start}")
@@ -276,7 +291,7 @@ def flow_start(flow, y, generator=None, t_start=None, init=None):
     init = init.to(y.dtype)
     init = flow.prior_mean(y) + _pbar(init)
     tb = torch.full((y.shape[0],), t_start, dtype=y.dtype, device=y.device)
-    return flow.sample_path(init, tb, y, generator=generator)[0], t_start
+    return flow.sample_path(init, tb, y, generator=generator)[0], t_start, 0
 
 
 def _grid(t0, num_steps):
@@ -287,7 +302,7 @@ def _v(model, x, t, y):
     return model(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device), y)
 
 
-def euler_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init=None):
+def euler_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init=None, restart_t=None):
     """Euler steps of ``dx/dt = v`` from t = 1 to 0; NFE = ``num_steps`` (1: one denoiser call).
 
     Example
@@ -299,22 +314,21 @@ def euler_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, ini
     (torch.Size([1, 2, 64]), 3)
     """
     _check_flow(flow, y, num_steps)
-    x, t0 = flow_start(flow, y, generator, t_start, init)
+    x, t0, nfe = flow_start(flow, y, generator, t_start, init, model, restart_t)
     ts = _grid(t0, num_steps)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         x = x + (t_next - t_cur) * _v(model, x, t_cur, y)
-    return x, num_steps
+    return x, nfe + num_steps
 
 
-def heun_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init=None):
+def heun_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init=None, restart_t=None):
     """Heun's 2nd-order method; the last step (to t = 0, where v is undefined) is Euler.
 
     NFE = ``2 num_steps - 1``.
     """
     _check_flow(flow, y, num_steps)
-    x, t0 = flow_start(flow, y, generator, t_start, init)
+    x, t0, nfe = flow_start(flow, y, generator, t_start, init, model, restart_t)
     ts = _grid(t0, num_steps)
-    nfe = 0
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         d = _v(model, x, t_cur, y)
         x_next = x + (t_next - t_cur) * d
@@ -327,16 +341,16 @@ def heun_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init
     return x, nfe
 
 
-def midpoint_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init=None):
+def midpoint_sampler(model, flow, y, num_steps=4, generator=None, t_start=None, init=None, restart_t=None):
     """The explicit midpoint method (2nd order, never evaluates at t = 0); NFE = ``2 num_steps``."""
     _check_flow(flow, y, num_steps)
-    x, t0 = flow_start(flow, y, generator, t_start, init)
+    x, t0, nfe = flow_start(flow, y, generator, t_start, init, model, restart_t)
     ts = _grid(t0, num_steps)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         h = t_next - t_cur
         x_mid = x + 0.5 * h * _v(model, x, t_cur, y)
         x = x + h * _v(model, x_mid, t_cur + 0.5 * h, y)
-    return x, 2 * num_steps
+    return x, nfe + 2 * num_steps
 
 
 FLOW_SAMPLERS = {"euler": euler_sampler, "heun": heun_sampler, "midpoint": midpoint_sampler}

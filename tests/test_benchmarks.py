@@ -18,7 +18,7 @@ spec.loader.exec_module(sq)
 
 
 @pytest.mark.parametrize(
-    "name, restart", [(n, False) for n in sorted(SAMPLERS)] + [(n, True) for n in sorted(SDE_SAMPLERS)]
+    "name, restart", [(n, r) for n in sorted(SAMPLERS) for r in (False, True)]
 )
 def test_nfe_formula_is_what_the_samplers_report(name, restart):
     sde = MixingSDE() if name in SDE_SAMPLERS else SeparationFlow()

@@ -185,7 +185,7 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path, yaml_name, 
 
 
 def test_export_takes_the_recipes_test_sampler_as_the_folder_default(tmp_path):
-    """A model folder samples as its recipe's test stage did (diffsep_small.yaml: ode, 3 steps)."""
+    """A model folder samples as its recipe's test stage did (diffsep_small.yaml: ddim, 1 step, restart_t 0.5)."""
     from pathlib import Path
 
     from hyperpyyaml import load_hyperpyyaml, resolve_references
@@ -205,7 +205,9 @@ def test_export_takes_the_recipes_test_sampler_as_the_folder_default(tmp_path):
     Checkpointer(str(out / "save"), {"score_model": hp["score_model"]}).save_checkpoint(meta={"si_sdri": 0.0})
     export.export_from_recipe(out, tmp_path / "m", ckpt="last", use_ema=False)
     folder = load_hyperpyyaml((tmp_path / "m" / "hyperparams.yaml").read_text())
-    # the override is merged into the yaml's dict (ode, 3 steps) as SpeechBrain merges it
-    assert (folder["sampler"], folder["num_steps"], dict(folder["sampler_options"])) == ("edm", 4, {"churn": 0.2})
+    # the override is merged into the yaml's dict (ddim, 1 step, restart_t 0.5) as SpeechBrain merges it
+    assert (folder["sampler"], folder["num_steps"], dict(folder["sampler_options"])) == (
+        "edm", 4, {"churn": 0.2, "restart_t": 0.5}
+    )
     text = (tmp_path / "m" / "hyperparams.yaml").read_text()
     assert "60 network calls" not in text  # the template's pc comment is gone with its value
