@@ -199,8 +199,9 @@ def run_model(args):
     rows = []
     for label, name, opts in specs:
         restart = opts.get("restart_t") is not None
-        plan = dict.fromkeys(steps_for(name, n, restart) for n in (args.steps and [] or args.nfe))
-        for steps in list(plan) + list(args.steps or []):
+        targets = [] if args.steps else args.nfe  # --steps replaces the NFE targets
+        plan = dict.fromkeys([steps_for(name, n, restart) for n in targets] + list(args.steps or []))
+        for steps in plan:
             if args.max_nfe and nfe_of(name, steps, restart) > args.max_nfe + 1:
                 continue
 

@@ -93,7 +93,7 @@ def test_per_call_options_override_the_yaml(separator):
     with pytest.raises(ValueError, match="sampler 'em': .*unexpected keyword argument 'snrr'"):
         separator.separate_batch(mix, sampler="em", snrr=0.3)
     with pytest.raises(ValueError, match="unknown sampler"):
-        separator.separate_batch(mix, sampler="ddim")
+        separator.separate_batch(mix, sampler="dpm-solver")
     with pytest.raises(ValueError, match="overlap_seconds must lie in"):
         separator.separate_batch(mix, chunk_seconds=0.1, overlap_seconds=0.08)
     with pytest.raises(ValueError, match="num_steps must be a positive integer"):

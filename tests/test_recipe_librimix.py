@@ -31,8 +31,9 @@ COUNTS = {"train-360": 8, "train-100": 2, "dev": 2, "test": 2}
 # the paper-small's test sampler (pc, 2 steps), so the cross-domain eval below can reproduce the scores
 TINY = [a for a in wsj.TINY_TCN if not a.startswith("--separation_options")] + [
     "--separation_options={sampler: pc, num_steps: 2}", "--number_of_epochs=1", "--num_workers=0"]
-# the training run's test sampler (the override is merged into the yaml's dict: dt must be reset)
-TINY_EVAL = ["--separation_options={sampler: pc, num_steps: 2, dt: grid}", "--test_metrics=[si_sdr,si_sdri,pesq,estoi]",
+# the training run's test sampler (the override is merged into the yaml's dict: dt must be reset, and
+# diffsep_small.yaml's restart_t is kept by the training run's merge)
+TINY_EVAL = ["--separation_options={sampler: pc, num_steps: 2, dt: grid, restart_t: 0.5}", "--test_metrics=[si_sdr,si_sdri,pesq,estoi]",
              "--device=cpu", "--noprogressbar", "--num_workers=0"]
 
 
