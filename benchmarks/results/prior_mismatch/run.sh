@@ -20,17 +20,25 @@ python benchmarks/learn_minimix.py --minutes 50 --points 5 --data "$DATA" --out 
 wait
 python benchmarks/learn_minimix.py --merge "$RUNS"/*/learning_curves.json --minutes 50 --n-eval 8 --out "$OUT/learning"
 
-# 2. export each, then SI-SDRi / PESQ / ESTOI / DNSMOS OVRL against NFE (1, 2, 3, 5, 10, 20, 60)
-for m in diffsep_small_mismatch flow_small; do
+# 2. export each, then SI-SDRi (8 test mixtures) against NFE for the three 50-minute models
+for m in diffsep_small diffsep_small_mismatch flow_small; do
     python -m speechbrain_diffsep.export --from-recipe "$RUNS/$m/$m" --ckpt last --out "$RUNS/models/$m"
 done
 TEST_CSV="$RUNS/diffsep_small/diffsep_small/save/test.csv"
+SQ="python benchmarks/sampler_quality.py --problem model --data $TEST_CSV --n-utts 8"
+for m in diffsep_small diffsep_small_mismatch; do
+    $SQ --model "$RUNS/models/$m" --samplers ddim --nfe 1 5 20 60 --out "$OUT/side_by_side/$m"
+    $SQ --model "$RUNS/models/$m" --samplers ddim@restart_t=0.5 --nfe 2 60 --out "$OUT/side_by_side/${m}_restart"
+    $SQ --model "$RUNS/models/$m" --samplers pc --steps 30 --out "$OUT/side_by_side/${m}_pc"
+done
+$SQ --model "$RUNS/models/flow_small" --samplers euler --nfe 1 2 5 20 60 --out "$OUT/side_by_side/flow_small"
+$SQ --model "$RUNS/models/flow_small" --samplers euler@restart_t=0.5 --nfe 2 20 60 --out "$OUT/side_by_side/flow_small_restart"
+
+# 3. the shipped model (pretrained/diffsep-small-minimix, 60 minutes with 2 threads on an idle machine):
+#    SI-SDRi, PESQ, ESTOI, DNSMOS OVRL against NFE on 10 test mixtures, and the default vs one call on 40
 python benchmarks/sampler_quality.py --problem model --model pretrained/diffsep-small-minimix --data "$TEST_CSV" \
-    --n-utts 10 --pesq --dnsmos --samplers ddim ddim@restart_t=0.5 ode@restart_t=0.5 pc pc@restart_t=0.5 \
-    --out "$OUT/bundled_diffsep_small"
-python benchmarks/sampler_quality.py --problem model --model "$RUNS/models/diffsep_small_mismatch" --data "$TEST_CSV" \
-    --n-utts 8 --pesq --dnsmos --samplers ddim ode pc --out "$OUT/mismatch_aware"
-python benchmarks/sampler_quality.py --problem model --model "$RUNS/models/flow_small" --data "$TEST_CSV" \
-    --n-utts 8 --pesq --dnsmos --samplers euler heun --out "$OUT/flow"
-python benchmarks/sampler_quality.py --merge "bundled=$OUT/bundled_diffsep_small" "mismatch=$OUT/mismatch_aware" \
-    "flow=$OUT/flow" --out "$OUT"
+    --n-utts 10 --pesq --dnsmos --samplers ddim@restart_t=null ddim@restart_t=0.5 --out "$OUT/bundled_diffsep_small"
+python benchmarks/sampler_quality.py --problem model --model pretrained/diffsep-small-minimix --data "$TEST_CSV" \
+    --n-utts 10 --pesq --dnsmos --samplers pc@restart_t=null pc@restart_t=0.5 --steps 30 --out "$OUT/bundled_diffsep_small_pc"
+python benchmarks/sampler_quality.py --problem model --model pretrained/diffsep-small-minimix --data "$TEST_CSV" \
+    --n-utts 40 --pesq --dnsmos --samplers ddim@restart_t=0.5 ddim@restart_t=null --steps 1 --out "$OUT/bundled_40"
