@@ -42,3 +42,6 @@ python benchmarks/sampler_quality.py --problem model --model pretrained/diffsep-
     --n-utts 10 --pesq --dnsmos --samplers pc@restart_t=null pc@restart_t=0.5 --steps 30 --out "$OUT/bundled_diffsep_small_pc"
 python benchmarks/sampler_quality.py --problem model --model pretrained/diffsep-small-minimix --data "$TEST_CSV" \
     --n-utts 40 --pesq --dnsmos --samplers ddim@restart_t=0.5 ddim@restart_t=null --steps 1 --out "$OUT/bundled_40"
+python benchmarks/sampler_quality.py --problem model --model pretrained/diffsep-small-minimix --data "$TEST_CSV" \
+    --n-utts 10 --pesq --dnsmos --samplers ode@restart_t=0.5 edm@restart_t=0.5 "edm@restart_t=0.5,churn=1.0" \
+    --nfe 10 20 --out "$OUT/bundled_other_samplers"
