@@ -33,7 +33,7 @@ from itertools import permutations
 
 import torch
 
-from .losses import shuffle_sources
+from .losses import sample_time, shuffle_sources
 
 
 def _pbar(x):
@@ -219,14 +219,7 @@ def flow_matching_loss(
     B, dev, dt = s.shape[0], s.device, s.dtype
     if shuffle:
         s = shuffle_sources(s, generator)
-    u = torch.rand(B, generator=generator, device=dev, dtype=dt)
-    if t_sampling == "power":
-        if t_power <= 0:
-            raise ValueError(f"t_power must be > 0, got {t_power}")
-        u = u ** (1.0 / t_power)
-    elif t_sampling != "uniform":
-        raise ValueError(f"unknown t_sampling {t_sampling!r}; use 'uniform' or 'power'")
-    t = flow.t_eps + (1 - flow.t_eps) * u
+    t = sample_time(B, flow, generator, dtype=dt, device=dev, kind=t_sampling, power=t_power)  # in [t_eps, 1]
     if not 0.0 <= p_one <= 1.0:
         raise ValueError(f"p_one must be a probability in [0, 1], got {p_one}")
     if p_one > 0:
