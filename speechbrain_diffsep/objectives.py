@@ -55,16 +55,14 @@ def training_loss(score_model, sde, s, y, generator=None, objective="score", **o
     >>> loss.shape
     torch.Size([4])
     """
+    check_objective(objective, score_model, sde)
     if objective == "score":
-        if not isinstance(sde, MixingSDE):
-            check_objective(objective, score_model, sde)
         if options.get("mismatch_p"):
             raise ValueError("mismatch_p needs objective 'denoiser' (the score objective's target assumes true marginals)")
         options.pop("mismatch_p", None)
         options.pop("mismatch_above", None)
         loss, mask = score_matching_loss(score_model, sde, s, y, generator=generator, **options)
     else:
-        check_objective(objective, score_model, sde)
         fn = denoiser_loss if objective == "denoiser" else flow_matching_loss
         loss, mask = fn(score_model, sde, s, y, generator=generator, **options)
     return loss, {"use_prior": mask}

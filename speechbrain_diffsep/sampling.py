@@ -22,9 +22,11 @@ true mean at T. A sampler that starts there carries the offset along as if it we
 a network trained on the forward marginals never saw; with many steps the estimates re-mix
 (measured on the bundled small model: 10.6 dB at 1 call, 2.0 dB at 61 with "ode"). Every sampler
 takes ``restart_t=`` (e.g. 0.5): one denoiser call at T, then fresh noise around that estimate on the
-true marginal at ``restart_t``, and the sampler's grid from there (NFE + 1). A model trained with the
-mismatch-aware loss (``precond.denoiser_loss(mismatch_p=...)``) or the flow-matching objective
-(:mod:`.flow`, whose prior has no offset) needs no restart.
+true marginal at ``restart_t``, and the sampler's grid from there (NFE + 1). The mismatch-aware loss
+(``precond.denoiser_loss(mismatch_p=...)``) and the flow-matching objective (:mod:`.flow`, whose
+prior has no offset) remove the offset in principle, but measured at this project's CPU training
+budgets both still degrade with many deterministic steps, and the restart helps them too
+(``benchmarks/results/prior_mismatch``).
 
 All samplers can start at ``t_start < T`` from the marginal around an initial estimate
 (``init=...``, the "refiner" mode of StoRM / Fast-GeCo), and can finish with one Tweedie
