@@ -34,16 +34,11 @@ from itertools import permutations
 import torch
 
 from .losses import sample_time, shuffle_sources
+from .sde import _check_mixture
 
 
 def _pbar(x):
     return x - x.mean(dim=1, keepdim=True)
-
-
-def _check_mixture(y):
-    if not torch.is_tensor(y) or y.dim() != 3 or y.shape[1] != 1:
-        shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"y (the mixture) must be shaped (batch, 1, samples), got {shape}")
 
 
 class SeparationFlow:
