@@ -102,7 +102,14 @@ class MixingSDE:
 
     # ------------------------------------------------------------------ helpers
     def _time(self, t, x=None):
-        """Validate ``t`` and return it as a (batch,) tensor in the dtype/device of ``x``."""
+        """``t`` as a (batch,) tensor in the dtype/device of ``x``; checks its shape, not its values.
+
+        Every SDE method runs this, several times per network call while sampling. A value check
+        (``if (t < 0).any()``) reads ``t`` back to the host: on a GPU each one stalls the CPU until
+        the queue drains, and under ``torch.compile`` each one breaks the graph. The values are
+        checked once where times come in (:meth:`check_time`; the samplers build their grids from
+        checked Python floats).
+        """
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.float64 if x is None else x.dtype)
         if t.dim() == 0:
@@ -115,10 +122,27 @@ class MixingSDE:
                     f"t has {t.shape[0]} entries but the signals have batch size {x.shape[0]}"
                 )
             t = t.to(dtype=x.dtype, device=x.device)
-        if torch.isnan(t).any() or (t < 0).any() or (t > self.T + 1e-6).any():
+        return t
+
+    def check_time(self, t, positive=False):
+        """Check the values of diffusion times once, at an API boundary; returns ``t`` as a tensor.
+
+        ``t`` must lie in ``[0, T]`` (``positive=True``: in ``(0, T]``, as :meth:`mult_std_inv` and
+        :meth:`mult_cov_inv` need). The other methods only check shapes, so that the per-step path
+        of the samplers makes no host sync (see :meth:`_time`); call this on times from outside.
+
+        Example
+        -------
+        >>> MixingSDE().check_time(torch.tensor([0.5, 1.0])).tolist()
+        [0.5, 1.0]
+        """
+        t = self._time(t)
+        if bool((torch.isnan(t) | (t < 0) | (t > self.T + 1e-6)).any()):
             raise ValueError(
                 f"t must lie in [0, T={self.T}], got values in [{float(t.min())}, {float(t.max())}]"
             )
+        if positive and bool((t <= 0).any()):
+            raise ValueError("t must be > 0 here (Sigma_0 = 0 is not invertible); the samplers stop at t_eps")
         return t
 
     @staticmethod
@@ -175,11 +199,9 @@ class MixingSDE:
         return self._apply(x, *self._std_factors(t, x))
 
     def mult_std_inv(self, x, t, y=None):
-        """``L_t^{-1} x``; ill-conditioned as t -> 0 where lambda_1 -> 0."""
+        """``L_t^{-1} x``; ill-conditioned as t -> 0 where lambda_1 -> 0 (needs t > 0: values are
+        not checked per call, :meth:`check_time` with ``positive=True`` does)."""
         _check_signals(x, "x", self.num_sources)
-        t = self._time(t, x)
-        if (t <= 0).any():
-            raise ValueError("mult_std_inv needs t > 0 (Sigma_0 = 0 is not invertible)")
         return self._apply(x, *self._std_factors(t, x, inverse=True))
 
     def mult_cov(self, x, t, y=None):
@@ -188,7 +210,7 @@ class MixingSDE:
         return self._apply(x, *self._std_factors(t, x, power=1.0))
 
     def mult_cov_inv(self, x, t, y=None):
-        """``Sigma_t^{-1} x``."""
+        """``Sigma_t^{-1} x`` (needs t > 0, see :meth:`mult_std_inv`)."""
         _check_signals(x, "x", self.num_sources)
         return self._apply(x, *self._std_factors(t, x, inverse=True, power=1.0))
 
