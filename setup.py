@@ -28,6 +28,8 @@ setup(
     extras_require={
         "test": ["pytest", "scipy", "fast_bss_eval", "psutil"],
         "eval": ["speechmos", "onnxruntime", "librosa"],
+        # room impulse responses (image-source method) for speechbrain_diffsep.augment's reverberation
+        "augment": ["pyroomacoustics"],
     },
     # inference templates used by `python -m speechbrain_diffsep.export` outside a source checkout
     data_files=[("share/speechbrain-diffsep/hparams", sorted(glob.glob("hparams/*.yaml")))],
