@@ -14,12 +14,28 @@ gradient all-reduce, speechbrain#930). SpeechBrain does not shard validation/tes
 :meth:`SeparationBrain.make_dataloader` gives every rank the indices ``rank::world_size`` and the
 results are gathered on all ranks; rank 0 writes the files.
 
+Random draws under DDP: SpeechBrain seeds every rank alike (on purpose: identical initial
+weights). The training noise of :class:`DiffSepBrain` (``t``, ``z``, the p_T mask, the source
+shuffle) therefore comes from a generator of its own per rank (:class:`RankGenerator`, seeded from
+the yaml ``seed`` and the rank, saved in every checkpoint with all ranks' states, so that a resumed
+run draws what the uninterrupted one would have), and the random training crops of the data
+pipeline from a per-process generator seeded from ``(seed, rank, epoch, DataLoader worker)``
+(:func:`data_generator`, set up by :meth:`SeparationBrain.on_stage_start` and the training loader's
+``worker_init_fn``). With N GPUs a step thus sees N x batch_size distinct draws; a single-process
+run with a fixed seed stays deterministic.
+
 Mixed precision (``--precision=bf16|fp16``): only the networks run under autocast; the SDE, the
 losses and the samplers run in float32 (autocast is disabled around them and the network output
 is cast back to float32), because quantities such as ``L_t^{-1}`` reach ~50 near ``t_eps``.
+"fp32" on an Ampere-or-newer GPU is TF32 for matmuls and convolutions, because SpeechBrain turns
+TF32 on when it is imported; the yaml key ``allow_tf32: True|False`` sets
+``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` when the Brain
+is built (absent: SpeechBrain's setting, TF32 on). Batches move to the device with
+``non_blocking=True`` (asynchronous from pinned memory: ``pin_memory: True`` in the loader options).
 """
 
 import csv
+import hashlib
 import importlib
 import logging
 import os
@@ -32,7 +48,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import speechbrain as sb
 from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import get_rank, if_main_process
 
 from .objectives import check_objective, training_loss
 from .metrics import SeparationMetricStats
@@ -110,6 +126,130 @@ def utterance_seed(utt_id, seed=0):
     return (zlib.crc32(str(utt_id).encode()) + int(seed)) % (2**31 - 1)
 
 
+def derive_seed(*parts):
+    """A 63-bit seed from ``parts`` (yaml seed, purpose, rank, epoch, worker...), stable across runs,
+    processes and platforms (unlike ``hash``).
+
+    Example
+    -------
+    >>> derive_seed(1234, "crops", 0) == derive_seed(1234, "crops", 0) != derive_seed(1234, "crops", 1)
+    True
+    """
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def process_rank():
+    """This process's DDP rank: the process group's if initialized, else ``$RANK`` (torchrun), else 0."""
+    rank, _ = world_info()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return rank
+    return get_rank() or 0
+
+
+class RankGenerator:
+    """A ``torch.Generator`` of its own on every DDP rank, checkpointed with every rank's state.
+
+    Seeded from ``derive_seed(seed, purpose, rank)``: rank 0 of an N-process run draws what a
+    single-process run with the same seed draws, the other ranks draw independent streams. In a
+    checkpoint (:meth:`save`, called on every rank: it gathers the states) the file holds the
+    states of all ranks; :meth:`load` gives each rank its own, so a resumed run continues each
+    stream where it stopped. Resuming with another number of processes reseeds (with a warning).
+
+    Example
+    -------
+    >>> a, b = RankGenerator(7, rank=0), RankGenerator(7, rank=1)
+    >>> bool(torch.rand(1, generator=a.generator) != torch.rand(1, generator=b.generator))
+    True
+    """
+
+    def __init__(self, seed, device="cpu", purpose="training noise", rank=None):
+        self.seed = int(seed)
+        self.purpose = purpose
+        self.rank = process_rank() if rank is None else int(rank)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(derive_seed(self.seed, purpose, self.rank))
+
+    def save(self, path):
+        """Write every rank's state to ``path`` (collective: every rank must call it)."""
+        states = gather_lists([(self.rank, self.generator.get_state())])
+        if if_main_process():
+            torch.save({"purpose": self.purpose, "states": {int(r): st for r, st in states}}, path)
+
+    def load(self, path, end_of_epoch=None):
+        """Restore this rank's state from ``path``; reseed if the file has no state for this rank."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        states = data["states"]
+        _, world = world_info()
+        if len(states) == world and self.rank in states:
+            self.generator.set_state(states[self.rank])
+            return
+        logger.warning(
+            f"{path} holds the {self.purpose} generators of {len(states)} process(es), this run has {world}: "
+            "reseeding them (the run stays correct, its draws differ from an uninterrupted run's)"
+        )
+        fold = zlib.crc32(b"".join(st.numpy().tobytes() for _, st in sorted(states.items())))
+        self.generator.manual_seed(derive_seed(self.seed, self.purpose, self.rank, "resumed", fold))
+
+
+def _save_rank_generator(obj, path):
+    obj.save(path)
+
+
+def _load_rank_generator(obj, path, end_of_epoch=None):
+    obj.load(path, end_of_epoch)
+
+
+_DATA_RNG = {"generator": None}
+
+
+def data_generator():
+    """The generator of the random training crops in this process (``None``: the global RNG).
+
+    Set per epoch in the main process (:meth:`SeparationBrain.on_stage_start`) and per DataLoader
+    worker (:class:`DataWorkerInit`), by :func:`seed_data_generator`.
+    """
+    return _DATA_RNG["generator"]
+
+
+def seed_data_generator(seed, rank, epoch, worker=None):
+    """(Re)seed this process's crop generator from ``(seed, rank, epoch, worker)``; returns it."""
+    gen = torch.Generator()
+    gen.manual_seed(derive_seed(int(seed), "crops", int(rank), epoch, "main" if worker is None else int(worker)))
+    _DATA_RNG["generator"] = gen
+    return gen
+
+
+class DataWorkerInit:
+    """``worker_init_fn`` of the training loader: each worker's crops come from its own generator.
+
+    PyTorch seeds a worker from a base seed drawn from the main process's global RNG, which is the
+    same on every DDP rank; this seeds the crop generator from ``(seed, rank, epoch, worker id)``
+    instead. ``epoch`` is updated by the Brain before each epoch's workers start (a persistent
+    worker keeps its generator running across epochs). ``inner`` is a user ``worker_init_fn``,
+    called afterwards.
+    """
+
+    def __init__(self, seed, rank, epoch=0, inner=None):
+        self.seed, self.rank, self.epoch, self.inner = int(seed), int(rank), epoch, inner
+
+    def __call__(self, worker_id):
+        seed_data_generator(self.seed, self.rank, self.epoch, worker_id)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def apply_tf32(allow):
+    """Set ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``
+    (``None``: leave them as they are; SpeechBrain turns both on when imported)."""
+    if allow is None:
+        return
+    if not isinstance(allow, bool):
+        raise ValueError(f"allow_tf32 must be True or False, got {allow!r}")
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
 def parameter_fingerprint(module):
     """``(sum, sum of squares)`` of all parameters in float64, as a string (equal weights <=> equal
     strings in practice); used to check that DDP ranks hold identical weights."""
@@ -178,16 +318,19 @@ class _NetworkCall:
     itself (DDP-safe).
     """
 
-    def __init__(self, net, device_type, dtype):
+    def __init__(self, net, device_type, dtype, record=None):
         self.net = net
         self.device_type = device_type
         self.dtype = dtype
+        self.record = record  # a list: the diffusion times ``t`` (2nd argument) of every call
 
     @property
     def module(self):
         return getattr(self.net, "module", self.net)
 
     def __call__(self, *args, **kwargs):
+        if self.record is not None and len(args) > 1:
+            self.record.append(args[1].detach())
         enabled = self.dtype != torch.float32
         with torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=enabled):
             out = self.net(*args, **kwargs)
@@ -206,9 +349,9 @@ class SeparationBrain(sb.Brain):
     hparams used: ``num_spks``, ``sample_rate``, ``seed``, ``output_folder``,
     ``n_valid_separations`` (how many validation utterances get separated for SI-SDR; all of
     them for a discriminative model), ``test_metrics``, ``results_folder``, ``save_audio``,
-    ``train_logger``, ``keep_checkpoints`` and ``log_rank_activity`` (write, per rank, the IDs
-    of every training batch and a weights fingerprint per epoch under
-    ``<output_folder>/rank_logs``).
+    ``train_logger``, ``keep_checkpoints``, ``allow_tf32`` (optional, see the module doc) and
+    ``log_rank_activity`` (write, per rank, the IDs of every training batch, its crop offsets and
+    diffusion times, and a weights fingerprint per epoch under ``<output_folder>/rank_logs``).
     """
 
     # ------------------------------------------------------------------ setup
@@ -218,6 +361,8 @@ class SeparationBrain(sb.Brain):
         if self.num_spks < 2:
             raise ValueError(f"num_spks must be >= 2, got {self.num_spks}")
         self._epoch = None
+        self._data_worker_init = None
+        apply_tf32(getattr(self.hparams, "allow_tf32", None))
         self._register_marker()
 
     def _register_marker(self):
@@ -272,7 +417,15 @@ class SeparationBrain(sb.Brain):
             if loader_kwargs.get("shuffle") or loader_kwargs.get("sampler") is not None:
                 raise ValueError("validation/test loaders must not set shuffle or sampler under DDP")
             loader_kwargs = dict(loader_kwargs, sampler=ShardSampler(dataset, rank, world))
+        if stage == sb.Stage.TRAIN and not isinstance(loader_kwargs.get("worker_init_fn"), DataWorkerInit):
+            self._data_worker_init = DataWorkerInit(
+                self._seed(), process_rank(), self._epoch or 0, inner=loader_kwargs.get("worker_init_fn")
+            )
+            loader_kwargs = dict(loader_kwargs, worker_init_fn=self._data_worker_init)
         return super().make_dataloader(dataset, stage, ckpt_prefix=ckpt_prefix, **loader_kwargs)
+
+    def _seed(self):
+        return int(getattr(self.hparams, "seed", 0))
 
     # ------------------------------------------------------------------ precision
     def network_dtype(self, stage):
@@ -288,7 +441,7 @@ class SeparationBrain(sb.Brain):
     def batch_signals(self, batch):
         """``(ids, mix (B,1,n), sources (B,K,n), lengths (B,) in samples)`` on the device."""
         mix, rel = batch.mix_sig
-        mix = mix.to(self.device).float()
+        mix = mix.to(self.device, non_blocking=True).float()
         srcs = []
         for k in range(1, self.num_spks + 1):
             sig = getattr(batch, f"s{k}_sig", None)
@@ -297,9 +450,9 @@ class SeparationBrain(sb.Brain):
                     f"the batch has no s{k}_sig but num_spks={self.num_spks}; "
                     "check num_spks against the data"
                 )
-            srcs.append(sig.data.to(self.device).float())
+            srcs.append(sig.data.to(self.device, non_blocking=True).float())
         sources = torch.stack(srcs, dim=1)
-        lengths = torch.round(rel.to(self.device) * mix.shape[-1]).long()
+        lengths = torch.round(rel.to(self.device, non_blocking=True) * mix.shape[-1]).long()
         return list(batch.id), mix[:, None, :], sources, lengths
 
     # ------------------------------------------------------------------ to implement
@@ -385,9 +538,13 @@ class SeparationBrain(sb.Brain):
 
     # ------------------------------------------------------------------ stages
     def on_stage_start(self, stage, epoch=None):
-        """Reset the per-stage accumulators."""
+        """Reset the per-stage accumulators; seed this epoch's training crops (see the module doc)."""
         self._epoch = epoch
-        if stage == sb.Stage.VALID:
+        if stage == sb.Stage.TRAIN:
+            seed_data_generator(self._seed(), process_rank(), epoch or 0)
+            if self._data_worker_init is not None:
+                self._data_worker_init.epoch = epoch or 0
+        elif stage == sb.Stage.VALID:
             rank, world = world_info()
             n_valid = int(getattr(self.hparams, "n_valid_separations", 0))
             self._valid_quota = len(range(rank, max(n_valid, 0), world))
@@ -474,9 +631,19 @@ class SeparationBrain(sb.Brain):
 
     # ------------------------------------------------------------------ rank log
     def on_fit_batch_start(self, batch, should_step):
-        """With ``log_rank_activity``: note the epoch, step and example IDs of this batch."""
+        """With ``log_rank_activity``: note the epoch, step, example IDs and crop offsets of this batch."""
         if self._rank_log_enabled():
             self._log_rank(f"batch {self._epoch} {self.step} {' '.join(map(str, batch.id))}")
+            crops = getattr(batch, "crop_start", None)
+            if crops is not None:
+                crops = crops.data if hasattr(crops, "data") else crops
+                self._log_rank(f"crops {self._epoch} {self.step} {' '.join(str(int(c)) for c in crops)}")
+
+    def _log_draws(self, times):
+        """With ``log_rank_activity``: the diffusion times the network got in this training step."""
+        if times:
+            values = torch.cat([t.reshape(-1).float().cpu() for t in times])
+            self._log_rank(f"t {self._epoch} {self.step} {' '.join(f'{float(v):.8f}' for v in values)}")
 
     def _rank_log_enabled(self):
         return bool(getattr(self.hparams, "log_rank_activity", False))
@@ -505,7 +672,12 @@ class DiffSepBrain(SeparationBrain):
 
     The EMA is a ``torch.optim.swa_utils.AveragedModel`` updated after every optimizer step and
     registered in the checkpointer as ``ema`` (its state dict holds ``module.<...>`` and
-    ``n_averaged``); validation and test use it.
+    ``n_averaged``); validation and test use it. ``ema_decay`` is per optimizer step, whatever the
+    number of GPUs (one step of N GPUs averages N x batch_size examples).
+
+    The training noise (``t``, ``z``, p_T mask, source shuffle) comes from ``noise_rng``, a
+    :class:`RankGenerator` (per DDP rank, seeded from ``seed`` and the rank) registered in the
+    checkpointer as ``noise_rng``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -531,8 +703,16 @@ class DiffSepBrain(SeparationBrain):
         ).to(self.device)
         self.ema.requires_grad_(False)
         self.ema.eval()
+        self.noise_rng = RankGenerator(self._seed(), device=self.device)
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("ema", self.ema)
+            self.checkpointer.add_recoverable(
+                "noise_rng",
+                self.noise_rng,
+                custom_load_hook=_load_rank_generator,
+                custom_save_hook=_save_rank_generator,
+                optional_load=True,  # checkpoints made before it existed
+            )
             self._register_marker()
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
@@ -542,10 +722,17 @@ class DiffSepBrain(SeparationBrain):
             self.ema.update_parameters(getattr(net, "module", net))
 
     def training_losses(self, mix, sources):
-        """``training_loss`` on the signals normalized by the mixture's statistics."""
+        """``training_loss`` on the signals normalized by the mixture's statistics, with this rank's
+        noise generator."""
         mix_n, src_n, _, _ = normalize_batch(mix, sources)
         net = self.network_call(self.modules.score_model, sb.Stage.TRAIN)
-        loss, _ = training_loss(net, self.hparams.sde, src_n, mix_n, **self.hparams.loss_options)
+        if self._rank_log_enabled():
+            net.record = []
+        loss, _ = training_loss(
+            net, self.hparams.sde, src_n, mix_n, generator=self.noise_rng.generator, **self.hparams.loss_options
+        )
+        if net.record is not None:
+            self._log_draws(net.record)
         return loss
 
     def validation_losses(self, mix, sources, ids):
@@ -640,6 +827,12 @@ __all__ = [
     "gather_lists",
     "world_info",
     "utterance_seed",
+    "derive_seed",
+    "RankGenerator",
+    "DataWorkerInit",
+    "data_generator",
+    "seed_data_generator",
+    "apply_tf32",
     "parameter_fingerprint",
     "remove_incomplete_checkpoints",
     "COMPLETE_MARKER",

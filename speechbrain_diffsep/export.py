@@ -16,13 +16,22 @@ template (so any network the recipe built is rebuilt identically), the parameter
 checkpoint's ``ema.ckpt`` (a ``torch.optim.swa_utils.AveragedModel`` state dict, ``module.<name>``
 keys) and the buffers from its ``score_model.ckpt``. After writing, the folder is loaded back and its
 weights compared with the source's, so an export that does not reproduce the model fails loudly.
+
+Writes are atomic: a folder is written and verified in a hidden temporary sibling
+(``.<name>.partial-*``), then renamed to ``--out`` in one step; over an existing folder each file is
+replaced by ``os.replace`` (never truncated in place, and no other file of that folder is touched).
+Readers (other DDP ranks, concurrent test-only runs) thus see a complete model folder or none.
 """
 
 import argparse
 import datetime
+import errno
 import io
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -145,12 +154,41 @@ def _readme(info):
     )
 
 
-def write_model_folder(out_dir, doc, state_dict, info):
-    """Write ``hyperparams.yaml``, ``score_model.ckpt``, ``export_info.json`` and ``README.md``."""
-    out = Path(out_dir)
+def _staging_folder(out):
+    """A fresh hidden folder next to ``out`` (same file system, so that a rename is atomic)."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def publish_folder(staging, out):
+    """Move the finished folder ``staging`` to ``out`` atomically; returns ``out``.
+
+    ``out`` absent (or empty): one ``rename``, so a reader sees the whole folder or nothing. ``out``
+    present (an earlier export, or another process that finished first): each file of ``staging``
+    replaces its namesake with ``os.replace`` (atomic per file); other files of ``out`` are kept.
+    ``staging`` is gone afterwards.
+    """
+    staging, out = Path(staging), Path(out)
+    try:
+        os.rename(staging, out)
+        return out
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not out.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    for item in sorted(staging.iterdir()):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_files(out, doc, state_dict, info):
     text = _dump(doc)
     (out / HPARAMS_FILE).write_text(
         f"# Exported by speechbrain_diffsep.export from {info['source_kind']} {info['source']}\n{text}",
@@ -159,7 +197,25 @@ def write_model_folder(out_dir, doc, state_dict, info):
     torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, out / CHECKPOINT_FILE)
     (out / "export_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     (out / "README.md").write_text(_readme(info), encoding="utf-8")
-    return out
+
+
+def write_model_folder(out_dir, doc, state_dict, info, verify=True):
+    """Write ``hyperparams.yaml``, ``score_model.ckpt``, ``export_info.json`` and ``README.md``.
+
+    The files are written into a staging folder, loaded back there (``verify``: the weights must
+    equal ``state_dict``, see :func:`verify_model_folder`) and only then published to ``out_dir``
+    (:func:`publish_folder`), so a failed export leaves ``out_dir`` as it was.
+    """
+    out = Path(out_dir)
+    staging = _staging_folder(out)
+    try:
+        _write_files(staging, doc, state_dict, info)
+        if verify:
+            verify_model_folder(staging, state_dict)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish_folder(staging, out)
 
 
 def verify_model_folder(out_dir, state_dict):
@@ -236,7 +292,6 @@ def export_from_reference(checkpoint, out_dir, hparams=None):
                  "enhancement" if enhancement else "separation", used_ema=cfg.get("used_ema"),
                  sde=dict(cfg["sde"], t_eps=cfg["t_eps"]))
     write_model_folder(out_dir, doc, state, info)
-    verify_model_folder(out_dir, state)
     return Path(out_dir)
 
 
@@ -383,15 +438,13 @@ def export_from_recipe(output_folder, out_dir, ckpt="best", hparams=None, metric
                  checkpoint=str(Path(chosen.path).resolve().relative_to(output_folder.resolve())),
                  checkpoint_meta=meta, **ema_info)
     write_model_folder(out_dir, doc, state, info)
-    verify_model_folder(out_dir, state)
     return Path(out_dir)
 
 
 def export_separator_from_recipe(output_folder, out_dir, ckpt="best", metric=None):
     """Export a Conv-TasNet recipe run as a :class:`~speechbrain_diffsep.inference.ConvTasNetSeparation`
-    folder (``encoder``/``masknet``/``decoder`` checkpoints + ``hyperparams.yaml``)."""
-    import shutil
-
+    folder (``encoder``/``masknet``/``decoder`` checkpoints + ``hyperparams.yaml``), written atomically
+    like :func:`write_model_folder`."""
     from speechbrain.utils.checkpoints import Checkpointer
 
     output_folder = Path(output_folder)
@@ -417,16 +470,20 @@ def export_separator_from_recipe(output_folder, out_dir, ckpt="best", metric=Non
         "pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer\n  loadables:\n"
         + "".join(f"    {n}: !ref <{n}>\n" for n in names), "template")["pretrainer"]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / HPARAMS_FILE).write_text(_dump(doc), encoding="utf-8")
-    for n in names:
-        shutil.copyfile(Path(chosen.path) / f"{n}.ckpt", out / f"{n}.ckpt")
-    meta = {k: v for k, v in chosen.meta.items() if isinstance(v, (int, float, str))}
-    (out / "export_info.json").write_text(json.dumps(
-        {"task": "separation", "interface": "ConvTasNetSeparation", "source": output_folder.resolve().name,
-         "checkpoint": str(Path(chosen.path).resolve().relative_to(output_folder.resolve())), "checkpoint_meta": meta,
-         "sample_rate": doc["sample_rate"], "num_spks": doc["num_spks"], "nf": None}, indent=2))
-    return out
+    staging = _staging_folder(out)
+    try:
+        (staging / HPARAMS_FILE).write_text(_dump(doc), encoding="utf-8")
+        for n in names:
+            shutil.copyfile(Path(chosen.path) / f"{n}.ckpt", staging / f"{n}.ckpt")
+        meta = {k: v for k, v in chosen.meta.items() if isinstance(v, (int, float, str))}
+        (staging / "export_info.json").write_text(json.dumps(
+            {"task": "separation", "interface": "ConvTasNetSeparation", "source": output_folder.resolve().name,
+             "checkpoint": str(Path(chosen.path).resolve().relative_to(output_folder.resolve())), "checkpoint_meta": meta,
+             "sample_rate": doc["sample_rate"], "num_spks": doc["num_spks"], "nf": None}, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish_folder(staging, out)
 
 
 def _is_conv_tasnet_run(output_folder):

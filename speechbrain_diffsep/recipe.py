@@ -13,14 +13,20 @@ A recipe's ``train.py`` only says how to prepare its data (a function of the hpa
 :func:`cli_main` turns a missing data / model folder into one ``error: ...`` line without traceback.
 
 Data pipeline: every signal of an utterance gets the same random crop of ``segment_seconds``
-(training only; zero-padded when shorter); batches provide ``mix_sig`` and ``s1_sig`` ...
-``s<K>_sig`` as :class:`~speechbrain_diffsep.brain.SeparationBrain` expects. With
+(training only; zero-padded when shorter), drawn from the per-rank, per-worker, per-epoch crop
+generator of :func:`~speechbrain_diffsep.brain.data_generator` (so DDP ranks crop independently);
+batches provide ``mix_sig`` and ``s1_sig`` ... ``s<K>_sig`` as
+:class:`~speechbrain_diffsep.brain.SeparationBrain` expects, and ``crop_start`` (the offset in
+samples, for the per-rank logs). With
 ``residual_target=True`` the last target is the mixture minus the other targets (enhancement:
 ``[clean, noisy - clean]``).
 
-Also here: :func:`load_model_folder` (a pretrained model, from ``python -m
+Under torchrun the process group is set up before the yaml is loaded, so that what the yaml
+builds can synchronise the ranks: :func:`load_model_folder` (a pretrained model, from ``python -m
 speechbrain_diffsep.export`` or a recipe's output folder, for test-only runs such as the paper's
-cross-domain evaluation), and the enhancement test stage: :class:`EnhancementMetricStats` and
+cross-domain evaluation) exports a recipe folder on the main rank only while the others wait.
+
+Also here: the enhancement test stage: :class:`EnhancementMetricStats` and
 :class:`DiffSepEnhancementBrain`.
 """
 
@@ -35,9 +41,9 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 
 import speechbrain as sb
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import ddp_broadcast, if_main_process, run_on_main
 
-from .brain import DiffSepBrain, available_metrics
+from .brain import DiffSepBrain, available_metrics, data_generator
 from .metrics import DEFAULT_METRICS, SeparationMetricStats, evaluate_separation, si_sdr
 
 SPLITS = ("train", "valid", "test")
@@ -75,14 +81,20 @@ def signal_keys(num_targets):
     return ["mix_sig"] + [f"s{k}_sig" for k in range(1, num_targets + 1)]
 
 
-def random_crop(duration, sample_rate, segment):
-    """``(start, stop)`` of a random crop of ``segment`` samples (``(0, None)``: the whole file)."""
+def random_crop(duration, sample_rate, segment, generator=None):
+    """``(start, stop)`` of a random crop of ``segment`` samples (``(0, None)``: the whole file).
+
+    The offset comes from ``generator``, else from this process's crop generator
+    (:func:`~speechbrain_diffsep.brain.data_generator`, set up by the Brain per rank, epoch and
+    DataLoader worker), else from the global RNG.
+    """
     if segment is None:
         return 0, None
     n = int(round(float(duration) * sample_rate))
     if n <= segment:
         return 0, None
-    start = int(torch.randint(0, n - segment + 1, (1,)))
+    gen = generator if generator is not None else data_generator()
+    start = int(torch.randint(0, n - segment + 1, (1,), generator=gen))
     return start, start + segment
 
 
@@ -113,13 +125,16 @@ def audio_pipeline(mixture, sources, sample_rate, segment=None, residual_target=
         the utterance is shorter). ``None`` reads whole utterances.
     residual_target : bool
         Append a last target ``mix - sum(sources)`` (K = len(sources) + 1).
+
+    The pipeline also provides ``crop_start``, the offset of the crop in samples (0: none).
     """
     keys = signal_keys(len(sources) + int(residual_target))
 
     @sb.utils.data_pipeline.takes("duration", mixture, *sources)
-    @sb.utils.data_pipeline.provides(*keys)
+    @sb.utils.data_pipeline.provides("crop_start", *keys)
     def pipeline(duration, mix_path, *source_paths):
         start, stop = random_crop(duration, sample_rate, segment)
+        yield start
         mix = read_crop(mix_path, start, stop, segment)
         yield mix
         rest = mix
@@ -183,17 +198,23 @@ def dataio_prep(hparams, mixture="mix_wav", sources=None, residual_target=False,
             segment = int(round(float(hparams["segment_seconds"]) * sr))
         ds = sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=_split_csv(hparams, split))
         ds.add_dynamic_item(audio_pipeline(mixture, sources, sr, segment, residual_target))
-        ds.set_output_keys(["id"] + signal_keys(num_spks))
+        ds.set_output_keys(["id"] + signal_keys(num_spks) + (["crop_start"] if segment is not None else []))
         datasets[split] = ds
     return datasets
 
 
 # --------------------------------------------------------------------------- run
-def load_recipe_hparams(argv=None):
-    """``(hparams_file, hparams, run_opts, overrides)`` from the command line (``sys.argv[1:]``)."""
+def load_recipe_hparams(argv=None, init_distributed=False):
+    """``(hparams_file, hparams, run_opts, overrides)`` from the command line (``sys.argv[1:]``).
+
+    ``init_distributed``: set up the DDP process group (under torchrun) before the yaml is loaded,
+    so that objects the yaml builds (e.g. :func:`load_model_folder`) can synchronise the ranks.
+    """
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     if not os.path.isfile(hparams_file):
         raise RecipeError(f"hyperparameter file {hparams_file!r} does not exist; pass the path of a yaml in hparams/")
+    if init_distributed:
+        sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         try:
             hparams = load_hyperpyyaml(fin, overrides)
@@ -238,8 +259,7 @@ def run_recipe(argv, prepare, data_hint, mixture="mix_wav", sources=None, residu
     -------
     The Brain, after its test stage (``brain.test_summary`` holds the metrics).
     """
-    hparams_file, hparams, run_opts, overrides = load_recipe_hparams(argv)
-    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams_file, hparams, run_opts, overrides = load_recipe_hparams(argv, init_distributed=True)
     check_data_folder(hparams["data_folder"], data_hint)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
@@ -356,7 +376,9 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
         ``save/CKPT+*``), whose best checkpoint (validation SI-SDR) is first exported, EMA
         weights included, to ``savedir``.
     savedir : str
-        Where a recipe output folder is exported to.
+        Where a recipe output folder is exported to: by the main process only under DDP (the
+        other ranks wait for it, then read the folder), written atomically (a concurrent reader
+        sees the whole folder or none, see :mod:`speechbrain_diffsep.export`).
     sample_rate, num_spks : int, optional
         Raise if the model was made for another rate / number of sources.
 
@@ -377,7 +399,7 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
         raise FileNotFoundError(f"pretrained_folder {str(folder)!r} does not exist; {fix}")
     try:
         if not (path / CHECKPOINT_FILE).is_file() and (path / "save").is_dir():
-            path = export_from_recipe(path, Path(savedir), ckpt="best")
+            path = _export_on_main(path, Path(savedir))
         check_model_folder(path)
         with open(path / HPARAMS_FILE, encoding="utf-8") as f:
             hp = load_hyperpyyaml(f)
@@ -393,6 +415,30 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
                 f"but the yaml has {name}={want}; use a matching model or data"
             )
     return model
+
+
+def _export_on_main(output_folder, savedir):
+    """Export ``output_folder``'s best checkpoint to ``savedir`` on the main process; the other DDP
+    ranks wait, then use the folder (a rank that does not see it, e.g. on a node without the shared
+    file system, exports its own copy). An export error is raised on every rank."""
+    from .export import ExportError, export_from_recipe
+    from .inference import CHECKPOINT_FILE
+
+    failure = None
+    if if_main_process():
+        try:
+            export_from_recipe(output_folder, savedir, ckpt="best")
+        except (ExportError, ValueError, KeyError) as err:
+            failure = str(err)
+        except Exception as err:  # tell the waiting ranks, then fail here with the traceback
+            ddp_broadcast(f"the main process failed to export it ({type(err).__name__})")
+            raise
+    failure = ddp_broadcast(failure)  # also the barrier that lets the other ranks read the folder
+    if failure is not None:
+        raise ExportError(failure)
+    if not (savedir / CHECKPOINT_FILE).is_file():
+        export_from_recipe(output_folder, savedir, ckpt="best")
+    return savedir
 
 
 # --------------------------------------------------------------------------- enhancement

@@ -107,6 +107,8 @@ def train_steps(brain, batch, n, reseed=True):
     for _ in range(n):
         if reseed:  # same t, z, permutation every step: a deterministic objective
             torch.manual_seed(123)
+            if hasattr(brain, "noise_rng"):  # DiffSep draws them from its per-rank generator
+                brain.noise_rng.generator.manual_seed(123)
         brain.step += 1
         losses.append(float(brain.fit_batch(batch)))
     return losses
