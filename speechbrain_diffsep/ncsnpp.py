@@ -1099,8 +1099,19 @@ class ScoreModel(torch.nn.Module):
         if not torch.is_tensor(t) or tuple(t.shape) != (B,):
             shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
             raise ValueError(f"t must be shaped (batch,) = ({B},), got {shape}; use t.expand(batch)")
+
+    @staticmethod
+    def check_time(t):
+        """Check that the diffusion times are > 0 (the network embeds ``log t`` and divides by ``t``).
+
+        :meth:`forward` checks shapes only: a value check reads ``t`` back to the host, which on a
+        GPU stalls every network call and breaks a compiled graph. The samplers and losses give
+        times in ``[t_eps, T]`` by construction; check times from elsewhere once with this.
+        """
+        t = torch.as_tensor(t)
         if not bool((t > 0).all()):
             raise ValueError("t must be > 0 (the network embeds log t and divides by t)")
+        return t
 
     def forward(self, x_t, t, y):
         """Score estimate for the noisy sources.
@@ -1110,7 +1121,7 @@ class ScoreModel(torch.nn.Module):
         x_t : torch.Tensor
             Noisy sources ``(batch, K, samples)``.
         t : torch.Tensor
-            Diffusion times ``(batch,)``, > 0.
+            Diffusion times ``(batch,)``, > 0 (not checked per call, see :meth:`check_time`).
         y : torch.Tensor
             Mixture ``(batch, 1, samples)``.
 

@@ -133,8 +133,9 @@ def forward_transition(x, sde, t_from, t_to, y, generator=None):
     mean = m + decay * (x - m)
     l1a, l2a = sde.eigenvalues(torch.tensor([t_from], dtype=torch.float64))
     l1b, l2b = sde.eigenvalues(torch.tensor([t_to], dtype=torch.float64))
-    v1 = float((l1b - l1a).clamp(min=0)) ** 0.5
-    v2 = float((l2b - decay**2 * l2a).clamp(min=0)) ** 0.5
+    # 0-dim host tensors used as scalars, not float(): no read-back per step
+    v1 = (l1b - l1a).clamp(min=0).sqrt()[0]
+    v2 = (l2b - decay**2 * l2a).clamp(min=0).sqrt()[0]
     z = _randn(x, generator)
     zm = z.mean(dim=1, keepdim=True)
     noise = v1 * zm + v2 * (z - zm)
@@ -352,7 +353,7 @@ def ddim_step(x, est, sde, t_cur, t_next, y):
     """
     l1a, l2a = sde.eigenvalues(torch.tensor([t_cur], dtype=torch.float64))
     l1b, l2b = sde.eigenvalues(torch.tensor([t_next], dtype=torch.float64))
-    r1, r2 = float(l1b / l1a) ** 0.5, float(l2b / l2a) ** 0.5
+    r1, r2 = (l1b / l1a).sqrt()[0], (l2b / l2a).sqrt()[0]  # 0-dim host tensors, not float(): no read-back
     resid = x - sde.mean(est, _batch_t(t_cur, x))
     m = resid.mean(dim=1, keepdim=True)
     return sde.mean(est, _batch_t(t_next, x)) + r1 * m + r2 * (resid - m)
