@@ -229,6 +229,17 @@ def test_ism_reverb_lengthens_the_decay_or_names_the_missing_package():
     assert measured[1] > 1.5 * measured[0]
 
 
+def test_ism_without_pyroomacoustics_is_a_one_line_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyroomacoustics", None)  # import fails as if not installed
+    with pytest.raises(ValueError) as exc:
+        SourceAugment(reverb_prob=0.5, reverb_method="ism")
+    assert str(exc.value) == ("augmentation option reverb_method 'ism' needs pyroomacoustics; "
+                              "pip install 'speechbrain-diffsep[augment]' (or set reverb_method: synthetic)")
+    SourceAugment(reverb_prob=0.0, reverb_method="ism")  # not needed while reverberation is off
+
+
 def test_reverb_bank_reuses_a_fixed_set_of_rooms():
     aug = SourceAugment(reverb_prob=1.0, reverb_method="synthetic", reverb_bank_size=2, reverb_bank_seed=7)
     x = impulse(1.0)
