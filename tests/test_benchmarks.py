@@ -1,7 +1,13 @@
 """The benchmark scripts' helpers (benchmarks/ is not a package): NFE bookkeeping of sampler_quality.py
-against the samplers themselves, its table round trip and its degradation summary."""
+against the samplers themselves, its table round trip and its degradation summary; gpu_check.py's
+quick CPU mode end to end (so that the GPU check never rots)."""
 
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +47,38 @@ def test_summary_flags_a_sampler_that_gets_worse_with_more_calls_and_tables_roun
     assert [(r["sampler"], r["nfe"], r["si_sdri"]) for r in back] == [(r["sampler"], r["nfe"], r["si_sdri"]) for r in rows]
     merged = sq.merge([f"x={tmp_path / 'm'}", f"y={tmp_path / 'm'}"], str(tmp_path / "both"))
     assert len(merged) == 12 and (tmp_path / "both" / "sampler_quality.png").is_file()
+
+
+# --------------------------------------------------------------------------- gpu_check.py
+@pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                    reason="the quick check generates a MiniMix: needs flite and espeak-ng (.ci/setup.sh installs them)")
+def test_gpu_check_quick_mode_runs_every_section_on_cpu(tmp_path):
+    """``gpu_check.py --device cpu --quick`` (what a GPU run does, at tiny sizes) ends with no error,
+    both recipes exit 0 under torchrun without aborting, and the report has every section."""
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+         "--out", str(out), "--recipe-timeout", "150"],
+        capture_output=True, text=True, timeout=420, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["errors"] == []
+    assert [r["yaml"] for r in report["recipes"]] == ["diffsep.yaml", "diffsep_tcn.yaml"]
+    for r in report["recipes"]:
+        assert r["returncode"] == 0 and not r["aborted_at_exit"]
+        assert r["timed_steps"] == r["steps"] - 1 >= 3 and r["examples_per_s"] > 0
+        assert r["test"].startswith("Epoch loaded")
+    modes = report["calls"]["modes"]
+    assert set(modes) == {"fp32", "tf32", "bf16", "compiled bf16 (dynamo, eager backend)"}
+    assert all(m["finite"] and m["ms_per_call"] > 0 for m in modes.values())
+    assert modes["fp32"]["rel_diff_vs_fp32"] == 0 and 0 < modes["bf16"]["rel_diff_vs_fp32"] < 0.1
+    bundled = sorted(p.parent.name for p in (ROOT / "pretrained").glob("*/hyperparams.yaml"))
+    assert [r["model"] for r in report["separate"]] == bundled
+    assert all(r["finite"] and r["nfe"] >= 1 for r in report["separate"])
+    assert [r["model"] for r in report["bf16"]] == bundled
+    assert all(r["finite"] and r["within_0.3_db"] for r in report["bf16"])
+    md = (out / "gpu_check.md").read_text()
+    for heading in ("## Recipes under torchrun", "## One network call", "## End to end", "## bf16 sampling"):
+        assert heading in md
+    assert str(tmp_path) not in md and not (out / "work").exists()  # no machine paths; scratch removed
