@@ -33,11 +33,13 @@ rerun (with any number of DataLoader workers, and after resuming), new every epo
 
 The pool
 --------
-* a pool CSV (``pool:`` in the yaml; e.g. the ManyVoices generator's output), one row per
+* a pool CSV (``pool:`` in the yaml; e.g. ManyVoices' ``<out>/pool/train.csv``), one row per
   utterance with the columns ``id`` (or ``ID``), ``path`` (or ``wav``; absolute, or relative to
-  ``pool_root``, default the CSV's folder; a leading ``$data_root`` is replaced by
-  ``pool_root``), ``speaker`` (or ``spk_id``) and optionally ``duration`` (seconds). FLAC, WAV
-  and whatever else soundfile reads.
+  ``pool_root``, by default the CSV's folder or, if the files are there, its parent, as
+  ManyVoices writes them; a leading ``$data_root`` is replaced by ``pool_root``), ``speaker``
+  (or ``spk_id``), optionally ``duration`` (seconds) and ``group`` (the recorded voice behind
+  several speakers; ``distinct: group`` then never mixes two speakers of one group, as
+  ManyVoices' own fixed mixtures). FLAC, WAV and whatever else soundfile reads.
 * ``pool: null``: the sources of the training CSV (WSJ0-2mix / WSJ0-3mix / LibriMix / MiniMix),
   its ``s1_wav ... s<K>_wav`` columns. The speaker of each source comes from a column
   ``s<k>_spk`` when the CSV has one, else from the mixture ID (``speaker_rule``):
@@ -91,6 +93,7 @@ yaml (hparams used: ``dynamic_mixing``, ``augmentation``, ``num_spks``, ``sample
         offset_prob: 0.0
         max_offset_seconds: 0.5
         speaker_weights: utterances  # or uniform
+        distinct: speaker          # or group: K different groups (the pool's group column)
         seed: !ref <seed>
     augmentation:                  # speechbrain_diffsep.augment.SourceAugment options
         enabled: False
@@ -114,10 +117,11 @@ from .augment import SourceAugment
 
 SPEAKER_RULES = ("auto", "column", "wsj0", "librimix", "minimix")
 SPEAKER_WEIGHTS = ("utterances", "uniform")
+DISTINCT = ("speaker", "group")
 #: Keys of the yaml's ``dynamic_mixing:`` block (:func:`dynamic_mixing_from_hparams`).
 YAML_KEYS = (
     "enabled", "pool", "pool_root", "speaker_rule", "examples_per_epoch", "gain_db", "level_db",
-    "peak_normalize", "offset_prob", "max_offset_seconds", "speaker_weights", "seed",
+    "peak_normalize", "offset_prob", "max_offset_seconds", "speaker_weights", "distinct", "seed",
 )
 
 _ALIASES = {"id": ("id", "ID"), "path": ("path", "wav", "file"), "speaker": ("speaker", "spk_id", "spk")}
@@ -131,9 +135,11 @@ def signal_keys(num_spks):
 # --------------------------------------------------------------------------- the pool
 class SourcePool:
     """Utterances grouped by speaker: ``paths``, ``speakers`` (per utterance), ``ids``,
-    ``by_speaker`` (speaker -> utterance indices), ``durations`` (seconds or None)."""
+    ``by_speaker`` (speaker -> utterance indices), ``durations`` (seconds or None) and, when the
+    pool tells them, ``group_of`` (speaker -> group: the recorded person behind several speakers,
+    e.g. ManyVoices' pitch / warp / tempo variants of one voice; None otherwise)."""
 
-    def __init__(self, ids, paths, speakers, durations=None, origin="pool"):
+    def __init__(self, ids, paths, speakers, durations=None, origin="pool", groups=None):
         if not paths:
             raise ValueError(f"{origin} holds no utterance; check the CSV")
         self.ids, self.paths, self.speakers = list(ids), list(paths), [str(s) for s in speakers]
@@ -143,16 +149,25 @@ class SourcePool:
         for i, spk in enumerate(self.speakers):
             self.by_speaker.setdefault(spk, []).append(i)
         self.speaker_list = sorted(self.by_speaker)
+        self.group_of = None
+        if groups is not None:
+            self.group_of = {spk: str(grp) for spk, grp in zip(self.speakers, groups)}
 
     def __len__(self):
         return len(self.paths)
 
-    def check(self, num_spks):
-        """One-line errors: fewer than ``num_spks`` speakers, a missing file."""
-        if len(self.speaker_list) < num_spks:
+    def check(self, num_spks, distinct="speaker"):
+        """One-line errors: fewer than ``num_spks`` speakers (or groups), no groups, a missing file."""
+        if distinct == "group":
+            if self.group_of is None:
+                raise ValueError(f"{self.origin} has no group column; set distinct: speaker or add a group column")
+            names = sorted(set(self.group_of.values()))
+        else:
+            names = self.speaker_list
+        if len(names) < num_spks:
             raise ValueError(
-                f"{self.origin} has {len(self.speaker_list)} speaker(s) ({', '.join(self.speaker_list[:5])}) "
-                f"but dynamic mixing needs {num_spks} distinct speakers per mixture; add speakers or lower num_spks"
+                f"{self.origin} has {len(names)} {distinct}(s) ({', '.join(names[:5])}) "
+                f"but dynamic mixing needs {num_spks} distinct {distinct}s per mixture; add speakers or lower num_spks"
             )
         missing = [p for p in self.paths if not os.path.isfile(p)]
         if missing:
@@ -176,20 +191,31 @@ def _column(fieldnames, what, csv_path):
 
 
 def load_source_pool(csv_path, root=None):
-    """A :class:`SourcePool` from a pool CSV: ``id``, ``path``/``wav``, ``speaker`` [, ``duration``].
+    """A :class:`SourcePool` from a pool CSV: ``id``, ``path``/``wav``, ``speaker``
+    [, ``duration``] [, ``group``].
 
-    Relative paths are taken relative to ``root`` (default: the CSV's folder); a leading
-    ``$data_root`` is replaced by ``root``.
+    Relative paths are taken relative to ``root``; by default the CSV's folder, or its parent
+    folder when the first file is there and not in the CSV's folder (ManyVoices writes
+    ``<out>/pool/train.csv`` with paths relative to ``<out>``). A leading ``$data_root`` is
+    replaced by ``root``.
     """
     csv_path = str(csv_path)
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"pool CSV {csv_path} does not exist; set dynamic_mixing.pool to a source pool CSV")
-    root = str(root) if root is not None else os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         rows = list(reader)
+    if not rows:
+        raise ValueError(f"pool CSV {csv_path} holds no utterance; check the CSV")
     c_id, c_path, c_spk = (_column(fields, w, csv_path) for w in ("id", "path", "speaker"))
+    if root is None:
+        here = os.path.dirname(os.path.abspath(csv_path))
+        first = rows[0][c_path].strip().replace("$data_root/", "")
+        parent = os.path.dirname(here)
+        use_parent = not os.path.isfile(os.path.join(here, first)) and os.path.isfile(os.path.join(parent, first))
+        root = parent if use_parent else here
+    root = str(root)
     ids, paths, spks, durs = [], [], [], []
     for row in rows:
         path = row[c_path].strip()
@@ -201,7 +227,8 @@ def load_source_pool(csv_path, root=None):
         paths.append(path)
         spks.append(row[c_spk])
         durs.append(float(row["duration"]) if row.get("duration") not in (None, "") else None)
-    return SourcePool(ids, paths, spks, durs, origin=f"pool CSV {csv_path}")
+    groups = [row["group"] for row in rows] if "group" in fields else None
+    return SourcePool(ids, paths, spks, durs, origin=f"pool CSV {csv_path}", groups=groups)
 
 
 _LIBRI = re.compile(r"^\d+-\d+-\d+$")
@@ -391,7 +418,7 @@ class DynamicMixDataset(DynamicItemDataset):
         Examples per epoch.
     seed, rank, epoch : int
         The draws depend on ``(seed, epoch, rank, index)`` only; ``rank`` defaults to the DDP rank.
-    gain_db, level_db, peak_normalize, offset_prob, max_offset_seconds, speaker_weights
+    gain_db, level_db, peak_normalize, offset_prob, max_offset_seconds, speaker_weights, distinct
         See the module docstring.
     augment : SourceAugment or dict, optional
         Per-source augmentation (:class:`speechbrain_diffsep.augment.SourceAugment` options).
@@ -428,6 +455,7 @@ class DynamicMixDataset(DynamicItemDataset):
         max_offset_seconds=0.5,
         speaker_weights="utterances",
         augment=None,
+        distinct="speaker",
     ):
         if not isinstance(pool, SourcePool):
             raise ValueError(f"pool must be a SourcePool (load_source_pool / pool_from_mixture_csv), got {type(pool).__name__}")
@@ -439,7 +467,10 @@ class DynamicMixDataset(DynamicItemDataset):
             )
         if int(num_examples) < 1:
             raise ValueError(f"examples_per_epoch must be >= 1, got {num_examples!r}")
-        self.pool = pool.check(num_spks)
+        if distinct not in DISTINCT:
+            raise ValueError(f"dynamic_mixing option distinct must be one of {list(DISTINCT)}, got {distinct!r}")
+        self.distinct = distinct
+        self.pool = pool.check(num_spks, distinct)
         self.num_spks, self.sample_rate = int(num_spks), int(sample_rate)
         self.segment = int(round(float(segment_seconds) * self.sample_rate))
         self.seed, self.epoch = int(seed), int(epoch)
@@ -468,6 +499,10 @@ class DynamicMixDataset(DynamicItemDataset):
             resample_ratio(f.samplerate, self.sample_rate, self.pool.paths[0])
         counts = torch.tensor([len(self.pool.by_speaker[s]) for s in self.pool.speaker_list], dtype=torch.float64)
         self._spk_weights = counts if speaker_weights == "utterances" else torch.ones_like(counts)
+        self._group_members = {}
+        if self.pool.group_of is not None:
+            for j, spk in enumerate(self.pool.speaker_list):
+                self._group_members.setdefault(self.pool.group_of[spk], []).append(j)
 
         keys = signal_keys(self.num_spks)
 
@@ -497,6 +532,9 @@ class DynamicMixDataset(DynamicItemDataset):
         for _ in range(self.num_spks):
             s = int(torch.multinomial(weights, 1, generator=g))
             weights[s] = 0.0
+            if self.distinct == "group":  # none of the chosen speaker's group again
+                for j in self._group_members[self.pool.group_of[self.pool.speaker_list[s]]]:
+                    weights[j] = 0.0
             utts = self.pool.by_speaker[self.pool.speaker_list[s]]
             chosen.append(utts[int(torch.randint(len(utts), (), generator=g))])
         return chosen
@@ -611,6 +649,7 @@ def dynamic_mixing_from_hparams(hparams, rank=None):
         max_offset_seconds=opts.get("max_offset_seconds", 0.5),
         speaker_weights=opts.get("speaker_weights", "utterances"),
         augment=augment,
+        distinct=opts.get("distinct", "speaker"),
     )
 
 

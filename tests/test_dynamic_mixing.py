@@ -158,6 +158,27 @@ def test_speechbrain_dataloader_gives_the_recipe_batch(tmp_path):
     assert all(i.startswith("dm") for i in batch.id)
 
 
+def test_distinct_groups_and_manyvoices_layout(tmp_path):
+    """ManyVoices: <out>/pool/train.csv, paths relative to <out>, a group column."""
+    out = tmp_path / "mv"
+    (out / "pool").mkdir(parents=True)
+    make_pool(out, speakers=("a1", "a2", "b1", "b2", "c1"))
+    rows = list(csv.DictReader(open(out / "pool.csv")))
+    for row in rows:
+        row["group"] = row["speaker"][0]
+    pool_csv = _write_csv(out / "pool" / "train.csv", rows)
+    pool = load_source_pool(pool_csv)
+    assert pool.paths[0] == str(out / "audio" / "a1_0.wav")
+    ds = DynamicMixDataset(pool, 3, SR, 0.25, 12, distinct="group", level_db=None)
+    for i in range(len(ds)):
+        assert len({spk[0] for spk in ds.example(i)["speakers"]}) == 3
+    with pytest.raises(ValueError) as exc:
+        DynamicMixDataset(pool, 4, SR, 0.25, 4, distinct="group")
+    assert "has 3 group(s) (a, b, c) but dynamic mixing needs 4 distinct groups per mixture" in one_line(exc)
+    with pytest.raises(ValueError, match="has no group column; set distinct: speaker"):
+        dataset(make_pool(tmp_path), distinct="group")
+
+
 def test_workers_give_the_same_batches_as_the_main_process(tmp_path):
     ds = dataset(make_pool(tmp_path), num_examples=4)
     ds.set_epoch(3)
