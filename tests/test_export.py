@@ -206,3 +206,156 @@ def test_shipped_folders_name_no_path_of_the_machine_they_were_made_on():
             if path.suffix in (".md", ".json", ".yaml", ".txt", ".csv", ".sh") and pattern.search(path.read_text(errors="replace")):
                 bad.append(str(path.relative_to(root)))
     assert bad == []
+
+
+# --------------------------------------------------------------------------- concurrent exports (issue 13.4)
+def _export_when_released(barrier, run, out):
+    """Child process: export ``run``'s best checkpoint to ``out`` as soon as every sibling is ready."""
+    from speechbrain_diffsep import export as ex
+
+    barrier.wait(timeout=120)
+    ex.export_from_recipe(run, out, ckpt="best")
+
+
+def _read_until(barrier, stop, target, result):
+    """Child process: read the model folder's files over and over while the exports run (from the
+    moment every process is ready until ``stop``); write ``reads failures first_error`` to ``result``."""
+    from speechbrain_diffsep.inference import read_state_dict
+
+    reads, failures, first = 0, 0, ""
+    barrier.wait(timeout=120)
+    while not stop.is_set() or reads == 0:
+        try:
+            read_state_dict(Path(target) / "score_model.ckpt")
+            json.loads((Path(target) / "export_info.json").read_text())
+            if "score_model:" not in (Path(target) / "hyperparams.yaml").read_text():
+                raise ValueError("hyperparams.yaml without score_model")
+        except Exception as err:  # noqa: BLE001 - every failure counts
+            failures += 1
+            first = first or f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
+        reads += 1
+    Path(result).write_text(f"{reads} {failures} {first}")
+
+
+def _load_model_folder_on_rank(rank, world, port, run, savedir, log):
+    """Child process: rank ``rank`` of a gloo group calls ``recipe.load_model_folder`` on a recipe run,
+    noting every call of the export in ``log`` and the weights it got in ``log.<rank>``."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from speechbrain_diffsep import export as ex
+        from speechbrain_diffsep.brain import parameter_fingerprint
+        from speechbrain_diffsep.recipe import load_model_folder
+
+        real = ex.export_from_recipe
+
+        def counted(*args, **kwargs):
+            with open(log, "a") as f:
+                f.write(f"{rank}\n")
+            return real(*args, **kwargs)
+
+        ex.export_from_recipe = counted
+        model = load_model_folder(run, savedir, sample_rate=8000, num_spks=2)
+        Path(f"{log}.{rank}").write_text(f"{model['folder']} {parameter_fingerprint(model['score_model'])}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _start_all(ctx, target, args_list, timeout=240, started=None):
+    """Run ``target(*args)`` in one process per ``args``; ``started``: a barrier to join once all
+    are running (so that the caller's own work overlaps theirs). Returns the exit codes."""
+    procs = [ctx.Process(target=target, args=args) for args in args_list]
+    for p in procs:
+        p.start()
+    if started is not None:
+        started.wait(timeout=timeout)
+    for p in procs:
+        p.join(timeout=timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    assert not alive, f"{len(alive)} process(es) still running after {timeout} s"
+    return [p.exitcode for p in procs]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_concurrent_exports_to_one_folder_leave_it_intact(recipe_run, tmp_path):
+    """Three processes export to the same folder at once, over an older export (of another
+    checkpoint), while a fourth reads it: the reader never meets a half-written file, and the end
+    is one complete folder with the new weights, no staging folder left behind."""
+    import multiprocessing
+
+    out, emas, _ = recipe_run
+    target = tmp_path / "model"
+    export.export_from_recipe(out, target, ckpt="last")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, stop, result = ctx.Barrier(5), ctx.Event(), tmp_path.parent / f"{tmp_path.name}_reader.txt"
+    reader = ctx.Process(target=_read_until, args=(barrier, stop, str(target), str(result)))
+    reader.start()
+    try:
+        codes = _start_all(ctx, _export_when_released, [(barrier, str(out), str(target))] * 3, started=barrier)
+    finally:
+        stop.set()
+        reader.join(timeout=120)
+        if reader.is_alive():
+            reader.kill()
+    assert codes == [0, 0, 0]
+    reads, failures, first = (result.read_text().split(" ", 2) + [""])[:3]
+    assert int(reads) > 0 and int(failures) == 0, f"a reader saw a half-written folder {failures} times in {reads}: {first}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .model.partial-* left
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "export_info.json", "hyperparams.yaml", "score_model.ckpt"]
+    model = DiffSepSeparation.from_hparams(source=str(target), run_opts={"device": "cpu"})
+    for p, q in zip(model.mods.score_model.parameters(), emas[5.0]):
+        assert torch.equal(p, q)
+    assert json.loads((target / "export_info.json").read_text())["checkpoint_meta"]["si_sdr"] == 5.0
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(recipe_run, tmp_path, monkeypatch):
+    out, emas, _ = recipe_run
+    target = tmp_path / "model"
+    export.export_from_recipe(out, target, ckpt="last")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken(folder, state):
+        raise export.ExportError("verification failed")
+
+    monkeypatch.setattr(export, "verify_model_folder", broken)
+    with pytest.raises(export.ExportError, match="verification failed"):
+        export.export_from_recipe(out, target, ckpt="best")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_ddp_test_only_ranks_export_a_recipe_run_once_and_load_the_same_model(recipe_run, tmp_path):
+    """load_model_folder under a 2-process gloo group (a torchrun test-only run): the main rank
+    exports, the other waits for it; both load the same weights from one folder."""
+    import multiprocessing
+
+    out, emas, _ = recipe_run
+    savedir, log = tmp_path / "model", tmp_path / "exports.log"
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    codes = _start_all(ctx, _load_model_folder_on_rank, [(r, 2, port, str(out), str(savedir), str(log)) for r in (0, 1)])
+    assert codes == [0, 0]
+    assert log.read_text().split() == ["0"]  # exported by rank 0 only
+    got = [Path(f"{log}.{r}").read_text() for r in (0, 1)]
+    assert got[0] == got[1] and got[0].startswith(str(savedir))
+    state = torch.load(savedir / "score_model.ckpt", weights_only=True)
+    from speechbrain_diffsep.ncsnpp import ScoreModel  # noqa: F401  (the folder's network)
+
+    names = [n for n, _ in load_hyperpyyaml((savedir / "hyperparams.yaml").read_text())["score_model"].named_parameters()]
+    for name, q in zip(names, emas[5.0]):
+        assert torch.equal(state[name], q)
