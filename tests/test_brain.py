@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import speechbrain as sb
+import speechbrain_diffsep.brain as brain_module
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.lobes.models.conv_tasnet import Decoder, Encoder, MaskNet
@@ -18,10 +19,14 @@ from speechbrain.utils.train_logger import FileTrainLogger
 from speechbrain_diffsep.brain import (
     COMPLETE_MARKER,
     ConvTasNetBrain,
+    DataWorkerInit,
     DiffSepBrain,
+    RankGenerator,
     ShardSampler,
+    data_generator,
     parameter_fingerprint,
     remove_incomplete_checkpoints,
+    seed_data_generator,
 )
 from speechbrain_diffsep.ncsnpp import ScoreModel
 from speechbrain_diffsep.sde import MixingSDE
@@ -214,7 +219,7 @@ def test_fit_checkpoints_ema_and_test_stage_writes_every_metric(tmp_path):
     for ckpt in ckpts:
         meta = yaml.safe_load((ckpt / "CKPT.yaml").read_text())
         assert {"si_sdr", "loss"} <= set(meta)
-        for name in ("score_model", "ema", "optimizer", "counter", "brain", COMPLETE_MARKER):
+        for name in ("score_model", "ema", "noise_rng", "optimizer", "counter", "brain", COMPLETE_MARKER):
             assert (ckpt / f"{name}.ckpt").exists(), name
         ema = torch.load(ckpt / "ema.ckpt")
         raw = torch.load(ckpt / "score_model.ckpt")
@@ -294,3 +299,113 @@ def test_a_batch_without_enough_sources_is_rejected(tmp_path):
     brain = make_brain(tmp_path, num_spks=3, sde=MixingSDE(num_sources=3))
     with pytest.raises(ValueError, match="no s3_sig but num_spks=3"):
         brain.compute_forward(batch_of([0]), sb.Stage.TRAIN)
+
+
+# --------------------------------------------------------------------------- random draws (issue 13.1)
+def _train_loss(brain, batch):
+    with torch.no_grad():
+        return brain.compute_forward(batch, sb.Stage.TRAIN)
+
+
+def test_training_noise_comes_from_the_brains_own_generator(tmp_path):
+    """t, z, the p_T mask and the shuffle are drawn from ``noise_rng``, not the global RNG."""
+    brain = make_brain(tmp_path)
+    brain.modules.eval()  # no dropout: the loss depends on the draws only
+    batch = batch_of([0, 1, 2, 3])
+    losses = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        brain.noise_rng.generator.manual_seed(5)
+        losses.append(_train_loss(brain, batch))
+    assert torch.equal(losses[0], losses[1])
+    assert not torch.equal(_train_loss(brain, batch), losses[0])  # the stream moves on
+
+
+def test_rank_generators_differ_by_rank_and_rank_0_is_the_single_process_one():
+    single = RankGenerator(1234)  # not distributed: rank 0
+    draws = {r: torch.rand(8, generator=RankGenerator(1234, rank=r).generator) for r in range(3)}
+    assert torch.equal(torch.rand(8, generator=single.generator), draws[0])
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert torch.equal(torch.rand(8, generator=RankGenerator(1234, rank=1).generator), draws[1])  # deterministic
+    assert not torch.equal(torch.rand(8, generator=RankGenerator(99, rank=0).generator), draws[0])
+
+
+def test_the_training_noise_resumes_from_the_checkpoint_where_it_stopped(tmp_path):
+    brain = make_brain(tmp_path)
+    brain.on_fit_start()
+    train_steps(brain, batch_of([0, 1]), 2, reseed=False)
+    brain.checkpointer.save_checkpoint(meta={"loss": 1.0})
+    expected = torch.rand(6, generator=brain.noise_rng.generator)  # what the run draws next
+
+    resumed = make_brain(tmp_path)
+    fresh_start = torch.rand(6, generator=RankGenerator(0).generator)
+    resumed.on_fit_start()
+    assert torch.equal(torch.rand(6, generator=resumed.noise_rng.generator), expected)
+    assert not torch.equal(expected, fresh_start)
+
+
+def test_a_checkpoint_of_another_world_size_reseeds_the_noise(tmp_path, caplog):
+    gen = RankGenerator(3)
+    states = {0: gen.generator.get_state(), 1: RankGenerator(3, rank=1).generator.get_state()}
+    torch.save({"purpose": "training noise", "states": states}, tmp_path / "noise.ckpt")
+    gen.load(tmp_path / "noise.ckpt")
+    assert "2 process(es), this run has 1: reseeding" in caplog.text
+    again = RankGenerator(3)
+    again.load(tmp_path / "noise.ckpt")
+    after = torch.rand(4, generator=gen.generator)
+    assert torch.equal(after, torch.rand(4, generator=again.generator))  # still deterministic
+    assert not torch.equal(after, torch.rand(4, generator=RankGenerator(3).generator))
+
+
+def test_training_loaders_seed_their_crops_by_rank_epoch_and_worker(tmp_path):
+    brain = make_brain(tmp_path, kind="convtasnet")
+    user_calls = []
+    train = brain.make_dataloader(dataset([0, 1, 2, 3]), sb.Stage.TRAIN, batch_size=2, pin_memory=True,
+                                  worker_init_fn=user_calls.append)
+    assert isinstance(train.worker_init_fn, DataWorkerInit) and train.pin_memory
+    train.worker_init_fn(1)
+    assert user_calls == [1]  # a user's worker_init_fn still runs
+    valid = brain.make_dataloader(dataset([0]), sb.Stage.VALID, batch_size=1)
+    assert not isinstance(valid.worker_init_fn, DataWorkerInit)
+    try:
+        brain.on_stage_start(sb.Stage.TRAIN, epoch=3)
+        assert train.worker_init_fn.epoch == 3
+        got = torch.rand(4, generator=data_generator())  # the main process's crop generator
+        assert torch.equal(got, torch.rand(4, generator=seed_data_generator(0, 0, 3)))
+        assert not torch.equal(got, torch.rand(4, generator=seed_data_generator(0, 1, 3)))  # another rank
+        assert not torch.equal(got, torch.rand(4, generator=seed_data_generator(0, 0, 4)))  # another epoch
+        assert not torch.equal(got, torch.rand(4, generator=seed_data_generator(0, 0, 3, worker=0)))
+    finally:
+        brain_module._DATA_RNG["generator"] = None  # back to the global RNG for the other tests
+
+
+# --------------------------------------------------------------------------- GPU settings (issue 13.5)
+def test_allow_tf32_sets_the_cuda_and_cudnn_flags(tmp_path):
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for value in (False, True, False):
+            make_brain(tmp_path / str(value), kind="convtasnet", allow_tf32=value)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (value, value)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
+        make_brain(tmp_path / "absent", kind="convtasnet")  # no key: SpeechBrain's setting is kept
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, False)
+        with pytest.raises(ValueError, match="allow_tf32 must be True or False, got 'yes'"):
+            make_brain(tmp_path / "bad", kind="convtasnet", allow_tf32="yes")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_batches_move_to_the_device_without_blocking(tmp_path, monkeypatch):
+    brain = make_brain(tmp_path, kind="convtasnet")
+    calls = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        calls.append(kwargs.get("non_blocking", False))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    ids, mix, sources, lengths = brain.batch_signals(batch_of([0, 1]))
+    monkeypatch.undo()
+    assert len(calls) == 4 and all(calls)  # mixture, its lengths, two sources
+    assert mix.shape == (2, 1, 2400) and sources.shape == (2, 2, 2400) and lengths.tolist() == [2400, 2400]

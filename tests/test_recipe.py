@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 import speechbrain as sb
+import speechbrain_diffsep.brain as brain_module
 
 from speechbrain_diffsep.metrics import evaluate_separation
 from speechbrain_diffsep.recipe import (
@@ -88,6 +89,43 @@ def test_the_residual_target_is_the_mixture_minus_the_others(ramps):
     assert list(pipeline.provides) == ["crop_start", "mix_sig", "s1_sig", "s2_sig"]
     (item,) = _items(row, pipeline)
     np.testing.assert_allclose(item["s2_sig"].numpy(), 0.75 * item["mix_sig"].numpy(), atol=1e-7)
+
+
+def _crops(row, rank, epoch, workers, n=8):
+    """Crop offsets of ``n`` copies of ``row`` through a training-like loader of ``rank``/``epoch``."""
+    from speechbrain.dataio.batch import PaddedBatch
+
+    from speechbrain_diffsep.brain import DataWorkerInit, seed_data_generator
+
+    data = {f"u{i}": {k: v for k, v in row.items() if k != "ID"} for i in range(n)}
+    ds = sb.dataio.dataset.DynamicItemDataset(data)
+    ds.add_dynamic_item(audio_pipeline("mix_wav", ["s1_wav"], SR, segment=300))
+    ds.set_output_keys(["id", "crop_start"])
+    torch.manual_seed(0)  # SpeechBrain seeds every rank alike: the workers' base seeds are equal too
+    seed_data_generator(7, rank, epoch)  # what the Brain does at the start of the epoch (main process)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=PaddedBatch,
+                                         worker_init_fn=DataWorkerInit(7, rank, epoch))
+    return [int(b.crop_start[0]) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crops_differ_by_rank_and_epoch_and_repeat_with_the_seed(ramps, workers):
+    from speechbrain_diffsep.brain import seed_data_generator
+    from speechbrain_diffsep.recipe import random_crop
+
+    _, row = ramps
+    try:
+        crops = _crops(row, rank=0, epoch=1, workers=workers)
+        assert crops == _crops(row, rank=0, epoch=1, workers=workers)
+        assert crops != _crops(row, rank=1, epoch=1, workers=workers)
+        assert crops != _crops(row, rank=0, epoch=2, workers=workers)
+        # each worker (or the main process) has its own stream: (seed, rank, epoch, worker)
+        streams = [crops] if workers == 0 else [crops[0::2], crops[1::2]]
+        for w, got in enumerate(streams):
+            gen = seed_data_generator(7, 0, 1, None if workers == 0 else w)
+            assert got == [random_crop(row["duration"], SR, 300, generator=gen)[0] for _ in got]
+    finally:
+        brain_module._DATA_RNG["generator"] = None  # back to the global RNG for the other tests
 
 
 def test_dataio_prep_checks_num_spks_against_the_columns(ramps, tmp_path):

@@ -3,8 +3,9 @@
 - every top-level key of every recipe yaml is used (by a !ref or by train.py / brain.py);
 - an unknown key on the command line gives a one-line error naming it; a missing data folder
   gives a one-line error and no traceback;
-- two processes (torchrun, gloo on CPU) train on disjoint examples, end with identical weights,
-  and write one checkpoint and one results CSV;
+- two processes (torchrun, gloo on CPU) train on disjoint examples with their own diffusion noise
+  and crops (each rank's generators), end with identical weights, and write one checkpoint (with
+  both ranks' generator states) and one results CSV;
 - a run killed with SIGKILL after a checkpoint resumes at the saved epoch/step and finishes;
 - the Conv-TasNet baseline trains and is tested through the same recipe.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +158,46 @@ def _read_rank_log(path):
     return batches, prints
 
 
+def _read_draws(path):
+    """``{"t": {(epoch, step): [t...]}, "crops": {(epoch, step): [start...]}}`` of a rank log."""
+    draws = {"t": {}, "crops": {}}
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if parts[0] in draws:
+            kind = int if parts[0] == "crops" else float
+            draws[parts[0]][(int(parts[1]), int(parts[2]))] = [kind(v) for v in parts[3:]]
+    return draws
+
+
+def _expected_draws(hparams, batches, rank, data_folder, segment):
+    """What rank ``rank`` must draw for its ``batches`` [(epoch, step, ids)]: the crops from
+    ``seed_data_generator(seed, rank, epoch)`` over the batch order, and ``t`` from the rank's
+    ``RankGenerator`` through ``losses.draw_training_inputs`` (t depends on no signal value)."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from speechbrain_diffsep.brain import RankGenerator, seed_data_generator
+    from speechbrain_diffsep.losses import draw_training_inputs
+    from speechbrain_diffsep.recipe import random_crop
+    from speechbrain_diffsep.sde import MixingSDE
+
+    with open(RECIPE / "hparams" / hparams) as f:
+        hp = load_hyperpyyaml(f, {"data_folder": str(data_folder), "output_folder": "unused"})
+    durations = {}
+    for i in range(N_TRAIN):
+        info = sf.info(str(Path(data_folder) / "wav8k" / "min" / "tr" / "mix" / f"tr{i:02d}.wav"))
+        durations[f"tr{i:02d}"] = info.frames / SR
+    crops, times, gens = {}, {}, {}
+    noise = RankGenerator(hp["seed"], rank=rank).generator
+    for epoch, step, ids in batches:
+        gen = gens.setdefault(epoch, seed_data_generator(hp["seed"], rank, epoch))
+        crops[(epoch, step)] = [random_crop(durations[i], SR, segment, generator=gen)[0] for i in ids]
+        s = torch.zeros(len(ids), hp["num_spks"], segment)
+        _, t, _, _, _ = draw_training_inputs(MixingSDE(num_sources=hp["num_spks"]), s, s[:, :1], generator=noise,
+                                             **hp["loss_options"])
+        times[(epoch, step)] = [float(v) for v in t]
+    return {"t": times, "crops": crops}
+
+
 def _results(out):
     with open(Path(out) / "test" / "test_results.csv") as f:
         return list(csv.DictReader(f))
@@ -228,6 +270,56 @@ def test_key_checker_catches_an_unused_key(tmp_path):
     assert "not_read_anywhere" in keys and "not_read_anywhere" not in _used_names(path)
 
 
+GPU_YAMLS = {"WSJ0Mix/separation/hparams/diffsep.yaml", "WSJ0Mix/separation/hparams/diffsep_tcn.yaml",
+             "WSJ0Mix/separation/hparams/convtasnet.yaml", "LibriMix/separation/hparams/diffsep.yaml",
+             "LibriMix/separation/hparams/eval_wsj0mix_model.yaml", "Voicebank/enhance/hparams/diffsep.yaml"}
+ALL_YAMLS = sorted(p for p in (ROOT / "recipes").glob("*/*/hparams/*.yaml") if "MiniMix" not in p.parts)
+
+
+def _plain_yaml(path):
+    """The yaml's values with tags ignored (``!ref <x>`` -> ``"<x>"``), without building anything."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def untagged(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            return loader.construct_scalar(node)
+        return None
+
+    Loader.add_multi_constructor("!", untagged)
+    return yaml.load(Path(path).read_text(), Loader=Loader)
+
+
+@pytest.mark.parametrize("yaml_path", ALL_YAMLS, ids=[str(p.relative_to(ROOT / "recipes")) for p in ALL_YAMLS])
+def test_gpu_yamls_load_in_parallel_into_pinned_memory_and_every_yaml_has_allow_tf32(yaml_path):
+    hp = _plain_yaml(yaml_path)
+    gpu = str(yaml_path.relative_to(ROOT / "recipes")) in GPU_YAMLS
+    assert hp["allow_tf32"] is True  # SpeechBrain's default, now a visible choice
+    assert hp["pin_memory"] is gpu
+    assert hp["num_workers"] == 4 if gpu else hp["num_workers"] == 0
+    loaders = [k for k in hp if k.endswith("_dataloader_opts")]
+    assert loaders
+    for key in loaders:
+        assert (hp[key]["num_workers"], hp[key]["pin_memory"]) == ("<num_workers>", "<pin_memory>"), key
+
+
+def test_allow_tf32_on_the_command_line_reaches_the_brain(data_folder):
+    from speechbrain_diffsep.recipe import build_brain, load_recipe_hparams
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for value in (False, True):
+            argv = [str(RECIPE / "hparams" / "convtasnet_small.yaml"), f"--data_folder={data_folder}",
+                    f"--allow_tf32={value}", "--device=cpu", "--pin_memory=True"]
+            _, hp, run_opts, _ = load_recipe_hparams(argv)
+            assert hp["train_dataloader_opts"]["pin_memory"] is True
+            build_brain(hp, run_opts)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (value, value)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _train_module():
     spec = importlib.util.spec_from_file_location("wsj0mix_train", RECIPE / "train.py")
     module = importlib.util.module_from_spec(spec)
@@ -279,6 +371,20 @@ def test_two_process_ddp_trains_disjoint_examples_to_identical_weights(data_fold
     assert len(list(out.rglob("test_results.csv"))) == 1
     rows = _results(out)
     assert sorted(r["ID"] for r in rows) == ["avg", "tt00", "tt01"]
+    # each rank drew its own diffusion noise and crops (issue 13.1): the logged t and crop offsets
+    # are those of the rank's own generators, and the two ranks' t differ at every step
+    d0, d1 = _read_draws(out / "rank_logs" / "rank0.txt"), _read_draws(out / "rank_logs" / "rank1.txt")
+    for rank, batches, draws in ((0, b0, d0), (1, b1, d1)):
+        expected = _expected_draws("diffsep_small_paper.yaml", batches, rank, data_folder, segment=SR // 2)
+        assert draws["crops"] == expected["crops"], rank
+        assert set(draws["t"]) == set(expected["t"]) == {(e, s) for e, s, _ in batches}
+        for key, ts in draws["t"].items():
+            np.testing.assert_allclose(ts, expected["t"][key], rtol=0, atol=1e-7)
+    assert all(d0["t"][key] != d1["t"][key] for key in d0["t"])
+    # the generators' states of both ranks are in the checkpoint (resume continues each stream)
+    (ckpt,) = (out / "save").glob("CKPT+*")
+    states = torch.load(ckpt / "noise_rng.ckpt", weights_only=True)["states"]
+    assert sorted(states) == [0, 1] and not torch.equal(states[0], states[1])
 
 
 # --------------------------------------------------------------------------- kill and resume
