@@ -5,7 +5,7 @@
 - the mixture type and the training splits come from the yaml;
 - the cross-domain evaluation (``eval_wsj0mix_model.yaml``) loads a model folder made by
   ``speechbrain_diffsep.export`` or a recipe's output folder (same weights -> same scores), trains
-  nothing and writes the results CSV;
+  nothing and writes the results CSV, also as 2 torchrun ranks (one export, by the main rank);
 - a missing data folder or model folder gives a one-line error; a model of another sample rate
   is refused.
 """
@@ -180,6 +180,23 @@ def test_eval_from_a_recipe_output_folder_scores_like_its_model_folder(trained, 
     a, b = _results(outs["folder"]), _results(outs["recipe"])
     assert [(r["ID"], r["si_sdr"], r["pesq"]) for r in a] == [(r["ID"], r["si_sdr"], r["pesq"]) for r in b]
     assert (outs["recipe"] / "model" / "score_model.ckpt").is_file()
+
+
+def test_two_process_test_only_run_exports_the_recipe_folder_once_and_scores_like_one(trained, data_folder, tmp_path):
+    """torchrun, 2 ranks, test only, from a recipe output folder (issue 13.4): the main rank exports the
+    model folder (atomically), the other waits for it; the sharded test set scores as the training
+    run's own test stage."""
+    out = tmp_path / "eval_ddp"
+    proc = wsj._run(wsj._train_cmd("eval_wsj0mix_model.yaml", data_folder, out,
+                                   TINY_EVAL + [f"--pretrained_folder={trained}"], nproc=2, recipe=RECIPE))
+    assert "terminate called" not in proc.stdout + proc.stderr
+    got, ref = _results(out), _results(trained)
+    assert [r["ID"] for r in got] == [r["ID"] for r in ref]
+    for col in ("si_sdr_s1", "si_sdr_s2", "pesq", "estoi"):  # ESTOI may differ in the last bits across processes
+        np.testing.assert_allclose([float(r[col]) for r in got], [float(r[col]) for r in ref], rtol=1e-9, err_msg=col)
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["README.md", "export_info.json", "hyperparams.yaml",
+                                                               "score_model.ckpt"]
+    assert not list(out.glob(".model.partial-*"))  # no staging folder left behind
 
 
 # --------------------------------------------------------------------------- errors
