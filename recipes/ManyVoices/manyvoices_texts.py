@@ -293,8 +293,8 @@ def minimix():
     return module
 
 
-def _sentences(text, min_words=5, max_words=18):
-    """Plain sentences of a prose text: 5-18 words, letters and light punctuation only."""
+def _sentences(text, min_words=5, max_words=14):
+    """Plain sentences of a prose text: 5-14 words, letters and light punctuation only."""
     text = re.sub(r"\s+", " ", text)
     out = []
     for s in re.split(r"(?<=[.!?])\s+", text):
