@@ -169,7 +169,7 @@ def _read_draws(path):
     return draws
 
 
-def _expected_draws(hparams, batches, rank, data_folder, segment):
+def _expected_draws(hparams, batches, rank, data_folder, segment, output_folder):
     """What rank ``rank`` must draw for its ``batches`` [(epoch, step, ids)]: the crops from
     ``seed_data_generator(seed, rank, epoch)`` over the batch order, and ``t`` from the rank's
     ``RankGenerator`` through ``losses.draw_training_inputs`` (t depends on no signal value)."""
@@ -181,7 +181,7 @@ def _expected_draws(hparams, batches, rank, data_folder, segment):
     from speechbrain_diffsep.sde import MixingSDE
 
     with open(RECIPE / "hparams" / hparams) as f:
-        hp = load_hyperpyyaml(f, {"data_folder": str(data_folder), "output_folder": "unused"})
+        hp = load_hyperpyyaml(f, {"data_folder": str(data_folder), "output_folder": str(output_folder)})
     durations = {}
     for i in range(N_TRAIN):
         info = sf.info(str(Path(data_folder) / "wav8k" / "min" / "tr" / "mix" / f"tr{i:02d}.wav"))
@@ -304,14 +304,14 @@ def test_gpu_yamls_load_in_parallel_into_pinned_memory_and_every_yaml_has_allow_
         assert (hp[key]["num_workers"], hp[key]["pin_memory"]) == ("<num_workers>", "<pin_memory>"), key
 
 
-def test_allow_tf32_on_the_command_line_reaches_the_brain(data_folder):
+def test_allow_tf32_on_the_command_line_reaches_the_brain(data_folder, tmp_path):
     from speechbrain_diffsep.recipe import build_brain, load_recipe_hparams
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         for value in (False, True):
             argv = [str(RECIPE / "hparams" / "convtasnet_small.yaml"), f"--data_folder={data_folder}",
-                    f"--allow_tf32={value}", "--device=cpu", "--pin_memory=True"]
+                    f"--output_folder={tmp_path}", f"--allow_tf32={value}", "--device=cpu", "--pin_memory=True"]
             _, hp, run_opts, _ = load_recipe_hparams(argv)
             assert hp["train_dataloader_opts"]["pin_memory"] is True
             build_brain(hp, run_opts)
@@ -375,7 +375,8 @@ def test_two_process_ddp_trains_disjoint_examples_to_identical_weights(data_fold
     # are those of the rank's own generators, and the two ranks' t differ at every step
     d0, d1 = _read_draws(out / "rank_logs" / "rank0.txt"), _read_draws(out / "rank_logs" / "rank1.txt")
     for rank, batches, draws in ((0, b0, d0), (1, b1, d1)):
-        expected = _expected_draws("diffsep_small_paper.yaml", batches, rank, data_folder, segment=SR // 2)
+        expected = _expected_draws("diffsep_small_paper.yaml", batches, rank, data_folder, segment=SR // 2,
+                                   output_folder=tmp_path / f"expected{rank}")
         assert draws["crops"] == expected["crops"], rank
         assert set(draws["t"]) == set(expected["t"]) == {(e, s) for e, s, _ in batches}
         for key, ts in draws["t"].items():
