@@ -17,7 +17,7 @@ Sources (each sentence belongs to exactly one split):
   sources in ``/usr/share/i18n/locales`` (Debian package ``locales``), when present.
 
 Corpus sentences go to a split by a hash of their text (10 % valid, 10 % test), independent of the
-seed. Every file is opened through :func:`read_source`, which refuses the reserved paths
+seed. A source is drawn in proportion to its size (a grammar counts as 100 sentences). Every file is opened through :func:`read_source`, which refuses the reserved paths
 (held-out human recordings, see ``RESERVED``).
 """
 
@@ -28,8 +28,11 @@ import importlib.util
 import os
 import re
 
+import numpy as np
+
 SPLITS = ("train", "valid", "test")
 MINIMIX_SPLIT = {"train": "tr", "valid": "cv", "test": "tt"}
+TEMPLATE_WEIGHT = 100  # a grammar counts as a corpus of this many sentences when a source is drawn
 
 #: Held out for evaluation on real recordings: never read, whatever the option or text file given.
 RESERVED = (
@@ -401,11 +404,18 @@ class TextBank:
         return out + sorted(src for (lang, src), by in self._corpora.items() if lang == language and by[split])
 
     def draw(self, language, split, rng):
-        """``(source, sentence)``: a source uniformly among the language's, then a sentence of it."""
+        """``(source, sentence)``: a source of the language, then a sentence of it.
+
+        A corpus is drawn in proportion to its number of sentences in the split, a grammar as if it
+        had ``TEMPLATE_WEIGHT``: small corpora (the Zen of Python's nine pairs of lines) are not
+        repeated over and over.
+        """
         sources = self.sources(language, split)
         if not sources:
             raise ValueError(f"no text in language {language!r} for split {split!r}")
-        source = sources[rng.integers(len(sources))]
+        weights = np.array([TEMPLATE_WEIGHT if s == "template" else len(self._corpora[(language, s)][split])
+                            for s in sources], dtype=float)
+        source = sources[rng.choice(len(sources), p=weights / weights.sum())]
         if source != "template":
             pool = self._corpora[(language, source)][split]
             return source, pool[rng.integers(len(pool))]
