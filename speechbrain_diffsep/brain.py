@@ -200,15 +200,20 @@ def _load_rank_generator(obj, path, end_of_epoch=None):
     obj.load(path, end_of_epoch)
 
 
-_DATA_RNG = {"generator": None}
+_DATA_RNG = {"generator": None, "pid": None}
 
 
 def data_generator():
     """The generator of the random training crops in this process (``None``: the global RNG).
 
     Set per epoch in the main process (:meth:`SeparationBrain.on_stage_start`) and per DataLoader
-    worker (:class:`DataWorkerInit`), by :func:`seed_data_generator`.
+    worker (:class:`DataWorkerInit`), by :func:`seed_data_generator`. A generator inherited from
+    the parent process (a forked worker that :class:`DataWorkerInit` did not seed) is not used:
+    every such worker would repeat the same crops; the global RNG, which PyTorch seeds per
+    worker, is used instead.
     """
+    if _DATA_RNG["pid"] != os.getpid():
+        return None
     return _DATA_RNG["generator"]
 
 
@@ -216,7 +221,7 @@ def seed_data_generator(seed, rank, epoch, worker=None):
     """(Re)seed this process's crop generator from ``(seed, rank, epoch, worker)``; returns it."""
     gen = torch.Generator()
     gen.manual_seed(derive_seed(int(seed), "crops", int(rank), epoch, "main" if worker is None else int(worker)))
-    _DATA_RNG["generator"] = gen
+    _DATA_RNG.update(generator=gen, pid=os.getpid())
     return gen
 
 
@@ -542,6 +547,8 @@ class SeparationBrain(sb.Brain):
         self._epoch = epoch
         if stage == sb.Stage.TRAIN:
             seed_data_generator(self._seed(), process_rank(), epoch or 0)
+            if getattr(self, "train_mixer", None) is not None:  # dynamic mixing: this epoch's draws
+                self.train_mixer.set_epoch(epoch or 0)
             if self._data_worker_init is not None:
                 self._data_worker_init.epoch = epoch or 0
         elif stage == sb.Stage.VALID:

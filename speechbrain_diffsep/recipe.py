@@ -44,6 +44,7 @@ import speechbrain as sb
 from speechbrain.utils.distributed import ddp_broadcast, if_main_process, run_on_main
 
 from .brain import DiffSepBrain, available_metrics, data_generator
+from .dynamic_mixing import DynamicMixDataset, dynamic_mixing_from_hparams
 from .metrics import DEFAULT_METRICS, SeparationMetricStats, evaluate_separation, si_sdr
 
 SPLITS = ("train", "valid", "test")
@@ -200,6 +201,15 @@ def dataio_prep(hparams, mixture="mix_wav", sources=None, residual_target=False,
         ds.add_dynamic_item(audio_pipeline(mixture, sources, sr, segment, residual_target))
         ds.set_output_keys(["id"] + signal_keys(num_spks) + (["crop_start"] if segment is not None else []))
         datasets[split] = ds
+    if "train" in datasets:
+        try:
+            mixer = dynamic_mixing_from_hparams(hparams)
+        except ValueError as err:
+            raise RecipeError(f"dynamic_mixing: {err}") from None
+        if mixer is not None:
+            if residual_target:
+                raise RecipeError("dynamic_mixing mixes separation sources; set dynamic_mixing.enabled: False for enhancement")
+            datasets["train"] = mixer  # new mixtures every epoch (the Brain calls set_epoch)
     return datasets
 
 
@@ -270,6 +280,8 @@ def run_recipe(argv, prepare, data_hint, mixture="mix_wav", sources=None, residu
     brain = build_brain(hparams, run_opts)
     splits = ("test",) if brain.test_only else SPLITS
     datasets = dataio_prep(hparams, mixture, sources, residual_target, splits=splits)
+    if isinstance(datasets.get("train"), DynamicMixDataset):
+        brain.train_mixer = datasets["train"]
     if not brain.test_only:
         brain.fit(
             brain.hparams.epoch_counter,
@@ -310,7 +322,11 @@ def plot_train_log(train_log, png_path):
             rows.append((int(m.group(1)), {k: float(v) for k, v in vals.items()}))
     if not rows:
         return 0
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU image: the curves are in train_log.txt anyway
+        print(f"matplotlib is not installed: {png_path} not written (pip install matplotlib)", file=sys.stderr)
+        return 0
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -387,7 +403,7 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
     dict with ``score_model`` (weights loaded), ``sde``, ``sample_rate``, ``num_spks``, ``folder``
     (the model folder used).
     """
-    from .export import ExportError, export_from_recipe
+    from .export import ExportError
     from .inference import CHECKPOINT_FILE, HPARAMS_FILE, check_model_folder, load_checkpoint_strict
 
     fix = (

@@ -91,7 +91,7 @@ def test_the_residual_target_is_the_mixture_minus_the_others(ramps):
     np.testing.assert_allclose(item["s2_sig"].numpy(), 0.75 * item["mix_sig"].numpy(), atol=1e-7)
 
 
-def _crops(row, rank, epoch, workers, n=8):
+def _crops(row, rank, epoch, workers, n=8, worker_init=True):
     """Crop offsets of ``n`` copies of ``row`` through a training-like loader of ``rank``/``epoch``."""
     from speechbrain.dataio.batch import PaddedBatch
 
@@ -104,7 +104,7 @@ def _crops(row, rank, epoch, workers, n=8):
     torch.manual_seed(0)  # SpeechBrain seeds every rank alike: the workers' base seeds are equal too
     seed_data_generator(7, rank, epoch)  # what the Brain does at the start of the epoch (main process)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=PaddedBatch,
-                                         worker_init_fn=DataWorkerInit(7, rank, epoch))
+                                         worker_init_fn=DataWorkerInit(7, rank, epoch) if worker_init else None)
     return [int(b.crop_start[0]) for b in loader]
 
 
@@ -126,6 +126,17 @@ def test_crops_differ_by_rank_and_epoch_and_repeat_with_the_seed(ramps, workers)
             assert got == [random_crop(row["duration"], SR, 300, generator=gen)[0] for _ in got]
     finally:
         brain_module._DATA_RNG["generator"] = None  # back to the global RNG for the other tests
+
+
+def test_workers_that_the_brain_did_not_seed_do_not_repeat_each_others_crops(ramps):
+    """A loader without DataWorkerInit: the main process's crop generator, copied into every forked
+    worker, is not used there (the workers would all draw the same offsets)."""
+    _, row = ramps
+    try:
+        crops = _crops(row, rank=0, epoch=1, workers=2, n=16, worker_init=False)
+        assert crops[0::2] != crops[1::2]
+    finally:
+        brain_module._DATA_RNG["generator"] = None
 
 
 def test_dataio_prep_checks_num_spks_against_the_columns(ramps, tmp_path):
