@@ -375,9 +375,17 @@ def cli_main(main, argv=None):
     try:
         result = main(argv)
     except (FileNotFoundError, RecipeError) as err:
+        _destroy_group()  # every rank meets the same error: no barrier, just a clean exit
         sys.exit(f"error: {err}")
     finish_distributed()
     return result
+
+
+def _destroy_group():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- pretrained models
