@@ -29,7 +29,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "WSJ0Mix" / "separation"
 YAMLS = sorted((RECIPE / "hparams").glob("*.yaml"))
-CODE = [RECIPE / "train.py", ROOT / "speechbrain_diffsep" / "brain.py", ROOT / "speechbrain_diffsep" / "recipe.py"]
+CODE = [RECIPE / "train.py", ROOT / "speechbrain_diffsep" / "brain.py", ROOT / "speechbrain_diffsep" / "recipe.py",
+        ROOT / "speechbrain_diffsep" / "dynamic_mixing.py"]
 SR = 8000
 N_TRAIN, N_VALID, N_TEST = 8, 2, 2
 
