@@ -295,10 +295,13 @@ def _plain_yaml(path):
 @pytest.mark.parametrize("yaml_path", ALL_YAMLS, ids=[str(p.relative_to(ROOT / "recipes")) for p in ALL_YAMLS])
 def test_gpu_yamls_load_in_parallel_into_pinned_memory_and_every_yaml_has_allow_tf32(yaml_path):
     hp = _plain_yaml(yaml_path)
-    gpu = str(yaml_path.relative_to(ROOT / "recipes")) in GPU_YAMLS
     assert hp["allow_tf32"] is True  # SpeechBrain's default, now a visible choice
-    assert hp["pin_memory"] is gpu
-    assert hp["num_workers"] == 4 if gpu else hp["num_workers"] == 0
+    # GPU yamls read in worker processes into pinned memory, the CPU-sized ones in the main process
+    assert hp["pin_memory"] is (hp["num_workers"] > 0)
+    if str(yaml_path.relative_to(ROOT / "recipes")) in GPU_YAMLS:
+        assert hp["num_workers"] >= 4
+    if "_small" in yaml_path.name:
+        assert hp["num_workers"] == 0
     loaders = [k for k in hp if k.endswith("_dataloader_opts")]
     assert loaders
     for key in loaders:
