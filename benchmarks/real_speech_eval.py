@@ -42,7 +42,8 @@ sampler (seed = the mixture's index); ``--conv-tasnet`` folders load as the refi
 separator does. Scores per mixture: SI-SDRi with the best (SI-SIR) permutation, narrow-band PESQ and
 ESTOI (``speechbrain_diffsep.metrics.evaluate_separation``), averaged over sources and mixtures; the
 unprocessed mixture is always the first row. Writes ``real_speech_eval.md`` (the tables) and
-``real_speech_eval.json`` (every mixture's scores) into ``--out``.
+``real_speech_eval.json`` (every mixture's scores) into ``--out``; ``--merge DIR... --out DIR``
+combines the reports of several runs into one.
 """
 
 import argparse
@@ -610,7 +611,9 @@ def _display(path):
 
 
 def _fmt(x, digits=2):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{round(x, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
 
 
 def markdown_tables(report):
@@ -653,6 +656,20 @@ def write_report(report, out_dir, command=None):
     return md
 
 
+def merge_reports(folders, out_dir):
+    """One report from the ``real_speech_eval.json`` of several runs (rows in the order given)."""
+    merged = {"results": [], "mixtures": {}, "commands": []}
+    for folder in folders:
+        with open(os.path.join(folder, "real_speech_eval.json"), encoding="utf-8") as f:
+            rep = json.load(f)
+        seen = {(r["model"], r["data"]) for r in merged["results"]}
+        merged["results"] += [r for r in rep["results"] if (r["model"], r["data"]) not in seen]
+        merged["mixtures"].update(rep["mixtures"])
+        merged["commands"].append(rep.get("command"))
+    command = "\n".join(c for c in merged.pop("commands") if c)
+    return write_report(merged, out_dir, command)
+
+
 def _dataset_arg(spec):
     label, sep, folder = spec.partition("=")
     if not sep:
@@ -693,10 +710,16 @@ def main(argv=None):
     p.add_argument("--out", help="folder for real_speech_eval.md / .json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="only merge the reports of earlier runs into --out")
     args = p.parse_args(argv)
 
     if args.print_apt:
         print(" ".join(APT_PACKAGES))
+        return 0
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        print(merge_reports(args.merge, args.out))
         return 0
     if args.list:
         for v in RESERVED:

@@ -193,3 +193,6 @@ def test_tables_on_fake_estimates_and_one_bundled_model(fake_root, tmp_path):
     (model_row,) = [r for r in saved["results"] if r["model"].endswith("diffsep-small-minimix")]
     assert model_row["n"] == 1 and -30 < model_row["si_sdri"] < 100
     assert str(tmp_path) not in (tmp_path / "cli/real_speech_eval.md").read_text()  # no absolute paths
+    merged = rse.merge_reports([str(tmp_path / "out"), str(tmp_path / "cli")], str(tmp_path / "merged"))
+    assert merged.count("| mixture (unprocessed) | fake | 3 |") == 1 and "| oracle | fake | 3 |" in merged
+    assert model_row["model"] in merged and "| mixture (unprocessed) | fake | 1 |" not in merged  # first run wins
