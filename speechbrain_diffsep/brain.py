@@ -182,11 +182,16 @@ class RankGenerator:
         states = data["states"]
         _, world = world_info()
         if len(states) == world and self.rank in states:
-            self.generator.set_state(states[self.rank])
-            return
+            try:
+                self.generator.set_state(states[self.rank])
+                return
+            except RuntimeError:  # saved on another device type (CUDA <-> CPU states differ in size)
+                why = f"was saved for another device than {self.generator.device}"
+        else:
+            why = f"holds the generators of {len(states)} process(es), this run has {world}"
         logger.warning(
-            f"{path} holds the {self.purpose} generators of {len(states)} process(es), this run has {world}: "
-            "reseeding them (the run stays correct, its draws differ from an uninterrupted run's)"
+            f"{path}: the {self.purpose} generator {why}: "
+            "reseeding it (the run stays correct, its draws differ from an uninterrupted run's)"
         )
         fold = zlib.crc32(b"".join(st.numpy().tobytes() for _, st in sorted(states.items())))
         self.generator.manual_seed(derive_seed(self.seed, self.purpose, self.rank, "resumed", fold))

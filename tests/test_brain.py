@@ -357,6 +357,20 @@ def test_a_checkpoint_of_another_world_size_reseeds_the_noise(tmp_path, caplog):
     assert not torch.equal(after, torch.rand(4, generator=RankGenerator(3).generator))
 
 
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, caplog):
+    """A CUDA generator's state (16 bytes: seed and offset) cannot be set on a CPU generator: a run
+    trained on a GPU and resumed on a CPU reseeds (deterministically) instead of failing."""
+    cuda_like_state = torch.zeros(16, dtype=torch.uint8)
+    torch.save({"purpose": "training noise", "states": {0: cuda_like_state}}, tmp_path / "noise.ckpt")
+    gen, again = RankGenerator(3), RankGenerator(3)
+    gen.load(tmp_path / "noise.ckpt")
+    again.load(tmp_path / "noise.ckpt")
+    assert "saved for another device than cpu: reseeding" in caplog.text
+    after = torch.rand(4, generator=gen.generator)
+    assert torch.equal(after, torch.rand(4, generator=again.generator))
+    assert not torch.equal(after, torch.rand(4, generator=RankGenerator(3).generator))
+
+
 def test_training_loaders_seed_their_crops_by_rank_epoch_and_worker(tmp_path):
     brain = make_brain(tmp_path, kind="convtasnet")
     user_calls = []
