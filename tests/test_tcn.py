@@ -131,10 +131,12 @@ def test_every_sampler_runs_with_it(name):
         ("flow_small.yaml", "midpoint", {}, 6),
     ],
 )
-def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path, yaml_name, sampler, opts, nfe_expected):
-    """A recipe yaml (tiny sizes) -> recipe folder -> export -> DiffSepSeparation gives the
-    sampler's output of the source model; the exported yaml names the network, not an nf.
-    Both objectives (DiffSep's SDE, flow matching) and their samplers."""
+def test_recipe_yaml_model_exports_and_separates_the_same(tmp_path, yaml_name, sampler, opts, nfe_expected):
+    """A recipe yaml's model (tiny sizes; no training: random weights perturbed twice, with an EMA of
+    the two that differs from the raw weights) -> checkpoint -> export -> DiffSepSeparation gives the
+    sampler's output of the EMA model, not of the raw one; the exported yaml names the network, not an
+    nf. Both objectives (DiffSep's SDE, flow matching) and their samplers. (Training itself:
+    test_learns_a_fixed_batch_through_the_denoiser_loss.)"""
     from pathlib import Path
 
     from hyperpyyaml import load_hyperpyyaml, resolve_references
@@ -156,10 +158,11 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path, yaml_name, 
     hp = load_hyperpyyaml(resolved)
     model = hp["score_model"]
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    ema.update_parameters(model)
+    for k in range(2):  # the first update copies the weights, the second averages
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + k)))
+        ema.update_parameters(model)
     Checkpointer(str(out / "save"), {"score_model": model, "ema": ema}).save_checkpoint(meta={"si_sdri": 1.0})
 
     export.export_from_recipe(out, tmp_path / "m", ckpt="last")
@@ -182,6 +185,10 @@ def test_recipe_yaml_trains_exports_and_separates_the_same(tmp_path, yaml_name, 
     assert nfe == nfe_expected
     assert torch.allclose(est, ref.transpose(1, 2), atol=1e-5)
     assert float(est.abs().max()) > 1e-3
+    with torch.no_grad():
+        raw, _ = separate_mixture(model.eval(), hp["sde"], mix[:, None], sampler=sampler, num_steps=3,
+                                  generator=torch.Generator().manual_seed(7), **opts)
+    assert float((est - raw.transpose(1, 2)).abs().max()) > 1e-3  # the raw weights would be told apart
 
 
 def test_export_takes_the_recipes_test_sampler_as_the_folder_default(tmp_path):
