@@ -63,6 +63,45 @@ COMPLETE_MARKER = "complete"
 
 _AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+STOP_AFTER_STEP_ENV = "DIFFSEP_STOP_AFTER_STEP"
+"""Test-only: the environment variable of :class:`StopAfterStep` (see there)."""
+
+STOP_EXIT_CODE = 75
+"""Exit status of a recipe stopped by :data:`STOP_AFTER_STEP_ENV` (``EX_TEMPFAIL``: run it again)."""
+
+
+class StopAfterStep(Exception):
+    """Test-only deterministic interruption of training (a crash at a chosen step, minus the timing).
+
+    With ``DIFFSEP_STOP_AFTER_STEP=N`` in the environment, a run whose training starts (or resumes)
+    before optimizer step ``N`` raises this exception right after the first *complete* checkpoint
+    saved once ``N`` optimizer steps are done: the intra-epoch checkpoint that follows step ``N``
+    (choose ``ckpt_interval_steps`` so that one does), else the end-of-epoch checkpoint after
+    validation. :func:`speechbrain_diffsep.recipe.cli_main` turns it into the exit status
+    :data:`STOP_EXIT_CODE` (75). Running the same command again (with or without the variable: a
+    run that resumes at step ``N`` or later ignores it) resumes from that checkpoint, as after a
+    crash. Unset (the default) it does nothing; it exists for the resume tests and is no
+    user-facing option. Under DDP every rank stops at the same checkpoint (the save is collective).
+    """
+
+    def __init__(self, step, limit):
+        super().__init__(f"stopped after optimizer step {step} ({STOP_AFTER_STEP_ENV}={limit}, test-only)")
+        self.step = step
+
+
+def _stop_after_step_limit():
+    """``N`` of ``DIFFSEP_STOP_AFTER_STEP=N``, or ``None`` when unset/empty."""
+    value = os.environ.get(STOP_AFTER_STEP_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{STOP_AFTER_STEP_ENV} must be an integer number of optimizer steps, got {value!r}") from None
+    if limit < 1:
+        raise ValueError(f"{STOP_AFTER_STEP_ENV} must be >= 1, got {limit}")
+    return limit
+
 
 # --------------------------------------------------------------------------- distributed helpers
 def world_info():
@@ -360,8 +399,9 @@ class SeparationBrain(sb.Brain):
     ``n_valid_separations`` (how many validation utterances get separated for SI-SDR; all of
     them for a discriminative model), ``test_metrics``, ``results_folder``, ``save_audio``,
     ``train_logger``, ``keep_checkpoints``, ``allow_tf32`` (optional, see the module doc) and
-    ``log_rank_activity`` (write, per rank, the IDs of every training batch, its crop offsets and
-    diffusion times, and a weights fingerprint per epoch under ``<output_folder>/rank_logs``).
+    ``log_rank_activity`` (write, per rank, the IDs of every training batch, its crop offsets,
+    diffusion times and loss, and a weights fingerprint per epoch under ``<output_folder>/rank_logs``).
+    Test-only: ``DIFFSEP_STOP_AFTER_STEP`` (:class:`StopAfterStep`) stops training after a checkpoint.
     """
 
     # ------------------------------------------------------------------ setup
@@ -402,6 +442,20 @@ class SeparationBrain(sb.Brain):
             ckpt = self.checkpointer.recover_if_possible(ckpt_predicate=_is_complete)
             if ckpt is not None:
                 logger.info(f"Resuming from {ckpt.path}")
+        # test-only stop hook (StopAfterStep): armed if this run starts before the asked step
+        limit = _stop_after_step_limit()
+        self._stop_after_step = limit if limit is not None and self.optimizer_step < limit else None
+
+    def _save_intra_epoch_ckpt(self):
+        """As ``sb.Brain``'s, then the test-only :class:`StopAfterStep` hook."""
+        super()._save_intra_epoch_ckpt()
+        self._maybe_stop_after_step()
+
+    def _maybe_stop_after_step(self):
+        """Raise :class:`StopAfterStep` if armed and ``N`` optimizer steps are done (test-only)."""
+        limit = getattr(self, "_stop_after_step", None)
+        if limit is not None and self.optimizer_step >= limit:
+            raise StopAfterStep(self.optimizer_step, limit)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Load the best complete checkpoint by ``max_key``/``min_key`` (else the latest)."""
@@ -595,6 +649,7 @@ class SeparationBrain(sb.Brain):
                 min_keys=[] if key else ["loss"],
                 importance_keys=[],
             )
+            self._maybe_stop_after_step()
             return
         self._write_test_results()
 
@@ -650,6 +705,13 @@ class SeparationBrain(sb.Brain):
             if crops is not None:
                 crops = crops.data if hasattr(crops, "data") else crops
                 self._log_rank(f"crops {self._epoch} {self.step} {' '.join(str(int(c)) for c in crops)}")
+
+    def fit_batch(self, batch):
+        """As ``sb.Brain.fit_batch``; with ``log_rank_activity`` the step's loss is logged (exact repr)."""
+        loss = super().fit_batch(batch)
+        if self._rank_log_enabled():
+            self._log_rank(f"loss {self._epoch} {self.step} {float(loss)!r}")
+        return loss
 
     def _log_draws(self, times):
         """With ``log_rank_activity``: the diffusion times the network got in this training step."""
@@ -848,4 +910,7 @@ __all__ = [
     "parameter_fingerprint",
     "remove_incomplete_checkpoints",
     "COMPLETE_MARKER",
+    "StopAfterStep",
+    "STOP_AFTER_STEP_ENV",
+    "STOP_EXIT_CODE",
 ]

@@ -43,7 +43,7 @@ from hyperpyyaml import load_hyperpyyaml
 import speechbrain as sb
 from speechbrain.utils.distributed import ddp_broadcast, if_main_process, run_on_main
 
-from .brain import DiffSepBrain, available_metrics, data_generator
+from .brain import STOP_EXIT_CODE, DiffSepBrain, StopAfterStep, available_metrics, data_generator
 from .dynamic_mixing import DynamicMixDataset, dynamic_mixing_from_hparams
 from .metrics import DEFAULT_METRICS, SeparationMetricStats, evaluate_separation, si_sdr
 
@@ -371,12 +371,19 @@ def cli_main(main, argv=None):
     """Run ``main(argv)``; a missing/bad data or model folder exits with one ``error: ...`` line.
 
     On success under torchrun the process group is destroyed (:func:`finish_distributed`).
+    A run stopped by the test-only ``DIFFSEP_STOP_AFTER_STEP`` hook
+    (:class:`~speechbrain_diffsep.brain.StopAfterStep`) exits with status
+    :data:`~speechbrain_diffsep.brain.STOP_EXIT_CODE` (75) and one ``stopped: ...`` line.
     """
     try:
         result = main(argv)
     except (FileNotFoundError, RecipeError) as err:
         _destroy_group()  # every rank meets the same error: no barrier, just a clean exit
         sys.exit(f"error: {err}")
+    except StopAfterStep as stop:
+        _destroy_group()  # every rank stops after the same (collective) checkpoint save
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(STOP_EXIT_CODE)
     finish_distributed()
     return result
 

@@ -78,15 +78,16 @@ def _voice(rng, n):
     return 0.1 * sig * env + 1e-3 * rng.standard_normal(n)
 
 
-def write_tiny_wsj0mix(root, seed=0):
-    """Write ``root/wav8k/min/{tr,cv,tt}/{mix,s1,s2}/*.wav`` with short synthetic mixtures."""
+def write_tiny_wsj0mix(root, seed=0, num_spks=2):
+    """Write ``root/wav8k/min/{tr,cv,tt}/{mix,s1,...,s<num_spks>}/*.wav`` with short synthetic mixtures
+    (durations 0.6 to 0.8 s; ``num_spks=3``: the WSJ0-3mix layout)."""
     rng = np.random.default_rng(seed)
     for split, count in (("tr", N_TRAIN), ("cv", N_VALID), ("tt", N_TEST)):
         for i in range(count):
             n = int(SR * rng.uniform(0.6, 0.8))
-            s1, s2 = _voice(rng, n), _voice(rng, n)
+            srcs = [_voice(rng, n) for _ in range(num_spks)]
             name = f"{split}{i:02d}.wav"
-            for sub, sig in (("s1", s1), ("s2", s2), ("mix", s1 + s2)):
+            for sub, sig in [(f"s{k + 1}", x) for k, x in enumerate(srcs)] + [("mix", sum(srcs))]:
                 folder = root / "wav8k" / "min" / split / sub
                 folder.mkdir(parents=True, exist_ok=True)
                 sf.write(folder / name, sig.astype(np.float32), SR, subtype="PCM_16")
@@ -131,10 +132,12 @@ def _kill_tree(proc):
     proc.kill()
 
 
-def _run(cmd, timeout=240):
-    """Run ``cmd`` to the end, pipes drained while it runs; on timeout kill the whole tree and fail."""
+def _run(cmd, timeout=240, env=None, returncode=0):
+    """Run ``cmd`` to the end, pipes drained while it runs; on timeout kill the whole tree and fail.
+
+    ``env``: variables added to :func:`_env`'s; ``returncode``: the exit status it must end with."""
     proc = subprocess.Popen(
-        cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, env={**_env(), **(env or {})}, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -143,7 +146,9 @@ def _run(cmd, timeout=240):
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} ran past {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}\n{err[-5000:]}"
+    assert result.returncode == returncode, (
+        f"{' '.join(cmd)} exited {result.returncode}, not {returncode}:\n{out[-3000:]}\n{err[-5000:]}"
+    )
     return result
 
 
@@ -433,6 +438,112 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(data_folder, tmp_path
         assert resumed[0][2] == killed[expected]
     assert resumed[-1][0] == 3 and set(prints) >= {3}
     assert sorted(r["ID"] for r in _results(out)) == ["avg", "tt00", "tt01"]
+
+
+# --------------------------------------------------------------------------- deterministic stop and resume
+STOP_ENV = "DIFFSEP_STOP_AFTER_STEP"  # brain.StopAfterStep: test-only, exit status 75 after a checkpoint
+
+
+def _without(args, *keys):
+    return [a for a in args if not any(a.startswith(f"--{k}=") for k in keys)]
+
+
+def _final_checkpoint(save):
+    """The last end-of-epoch checkpoint (highest epoch) of a run's ``save`` folder."""
+    ends = [p for p in _complete_ckpts(save) if yaml.safe_load((p / "CKPT.yaml").read_text())["end-of-epoch"]]
+    return max(ends, key=lambda p: int((p / "counter.ckpt").read_text()))
+
+
+def _bits(x):
+    return x.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _assert_same(a, b, where):
+    """Equal nested containers; tensors bit for bit (dtype, shape and every byte)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and (a.dtype, a.shape) == (b.dtype, b.shape), where
+        assert torch.equal(_bits(a), _bits(b)), f"{where}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _assert_same_checkpoint(ckpt, ref):
+    """Every recoverable of two checkpoints equal (weights, EMA, optimizer, scheduler, noise generator,
+    epoch counter, the Brain's step counters, loader position) and their meta but the time; returns
+    the file names."""
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == sorted(p.name for p in ref.iterdir())
+    for name in names:
+        if name == "CKPT.yaml":
+            a, b = (yaml.safe_load((c / name).read_text()) for c in (ckpt, ref))
+            a.pop("unixtime"), b.pop("unixtime")
+        else:
+            try:  # torch files (weights_only=False: the scheduler's state is a plain pickle of our own run)
+                a, b = (torch.load(c / name, map_location="cpu", weights_only=False) for c in (ckpt, ref))
+            except Exception:  # text: counter, brain (step, avg_train_loss, optimizer_step), loader position
+                a, b = ((c / name).read_text() for c in (ckpt, ref))
+        _assert_same(a, b, name)
+    return names
+
+
+def _log_lines(path, kinds=("batch", "crops", "t", "loss", "epoch_end")):
+    return [line for line in Path(path).read_text().splitlines() if line.split()[0] in kinds]
+
+
+def test_a_run_stopped_mid_epoch_and_at_an_epoch_end_resumes_bit_for_bit(data_folder, tmp_path):
+    """DIFFSEP_STOP_AFTER_STEP stops the recipe deterministically (exit 75) right after a checkpoint;
+    rerunning the same command resumes. Stopped after step 3 of 4 (intra-epoch checkpoint: the loader
+    position, the training-noise generator, EMA and Adam states mid-epoch), then after step 4 (no
+    intra-epoch checkpoint follows it: the end-of-epoch checkpoint after validation), then run to the
+    end, it logs the same batches, diffusion times and per-step losses (exact float repr), the same
+    epoch losses, ends with the same weights, EMA, optimizer and generator states (bit for bit,
+    fp32 on CPU, fixed seeds, num_workers 0) and the same test scores as an uninterrupted run.
+
+    The utterances (0.6 to 0.8 s) are read whole (segment_seconds=0.8): a mid-epoch resume does not
+    continue the random-crop stream (test_brain.py::test_a_mid_epoch_resume_continues_the_crop_stream).
+    """
+    args = _without(TINY_TCN, "test_metrics", "segment_seconds") + [
+        "--test_metrics=[si_sdr]", "--segment_seconds=0.8", "--number_of_epochs=2", "--ckpt_interval_steps=3",
+    ]
+    ref, out = tmp_path / "uninterrupted", tmp_path / "stopped"
+    _run(_train_cmd("diffsep_small.yaml", data_folder, ref, args))
+    cmd = _train_cmd("diffsep_small.yaml", data_folder, out, args)
+    log = out / "rank_logs" / "rank0.txt"
+
+    first = _run(cmd, env={STOP_ENV: "3"}, returncode=75)
+    assert first.stderr.strip().splitlines()[-1].startswith("stopped: stopped after optimizer step 3")
+    (ckpt,) = _complete_ckpts(out / "save")  # the intra-epoch checkpoint after step 3, nothing later
+    assert yaml.safe_load((ckpt / "brain.ckpt").read_text())["step"] == 3
+    assert (ckpt / "dataloader-TRAIN.ckpt").read_text() == "3"
+    assert [ln.split()[:3] for ln in _log_lines(log, ("loss",))] == [["loss", "1", str(s)] for s in (1, 2, 3)]
+
+    second = _run(cmd, env={STOP_ENV: "4"}, returncode=75)  # resumes at step 3: armed, stops after epoch 1
+    assert second.stderr.strip().splitlines()[-1].startswith("stopped: stopped after optimizer step 4")
+    end = _final_checkpoint(out / "save")
+    assert (end / "counter.ckpt").read_text() == "1"
+    assert [ln.split()[:3] for ln in _log_lines(log, ("loss",))][3:] == [["loss", "1", "4"]]
+
+    _run(cmd, env={STOP_ENV: "4"})  # the same command again: resumes at step 4 >= 4, the hook is inert
+    losses = _log_lines(log, ("loss",))
+    assert len(losses) == 8 and losses == _log_lines(ref / "rank_logs" / "rank0.txt", ("loss",))
+    assert _log_lines(log) == _log_lines(ref / "rank_logs" / "rank0.txt")
+
+    epochs = [ln for ln in (out / "train_log.txt").read_text().splitlines() if ln.startswith("epoch")]
+    assert len(epochs) == 2 and epochs == [
+        ln for ln in (ref / "train_log.txt").read_text().splitlines() if ln.startswith("epoch")
+    ]
+    a, b = _final_checkpoint(out / "save"), _final_checkpoint(ref / "save")
+    names = _assert_same_checkpoint(a, b)
+    assert {"score_model.ckpt", "ema.ckpt", "optimizer.ckpt", "noise_rng.ckpt", "counter.ckpt", "brain.ckpt"} <= set(names)
+    assert _results(out) == _results(ref)
 
 
 # --------------------------------------------------------------------------- flow matching
