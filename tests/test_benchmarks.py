@@ -82,3 +82,22 @@ def test_gpu_check_quick_mode_runs_every_section_on_cpu(tmp_path):
     for heading in ("## Recipes under torchrun", "## One network call", "## End to end", "## bf16 sampling"):
         assert heading in md
     assert str(tmp_path) not in md and not (out / "work").exists()  # no machine paths; scratch removed
+
+
+# --------------------------------------------------------------------------- mutation_score.py
+def test_mutation_score_counts_timeouts_as_killed_and_leaves_untested_mutants_out():
+    spec = importlib.util.spec_from_file_location("mutation_score", ROOT / "benchmarks" / "mutation_score.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    status = {"speechbrain_diffsep.sde.xǁMixingSDEǁmean__mutmut_1": "killed",
+              "speechbrain_diffsep.sde.xǁMixingSDEǁmean__mutmut_2": "survived",
+              "speechbrain_diffsep.sde.x_helper__mutmut_1": "timeout",
+              "speechbrain_diffsep.sde.x_helper__mutmut_2": "no tests",
+              "speechbrain_diffsep.normalize.x_denormalize__mutmut_1": "killed"}
+    rows = {r["module"]: r for r in ms.summarize(status, ["sde", "normalize"])}
+    assert ms.module_of("speechbrain_diffsep.sde.x_helper__mutmut_1") == "sde"
+    assert (rows["sde"]["mutants"], rows["sde"]["killed"], rows["sde"]["timeout"], rows["sde"]["survived"],
+            rows["sde"]["no_tests"]) == (4, 1, 1, 1, 1)
+    assert rows["sde"]["score"] == pytest.approx(100 * 2 / 3, abs=0.1)  # (killed + timeout) / tested
+    assert rows["normalize"]["score"] == 100.0 and rows["all"]["mutants"] == 5
+    assert rows["all"]["score"] == pytest.approx(75.0)
