@@ -32,7 +32,24 @@ def test_separator_output_seeds_the_sampler(separator, monkeypatch):  # noqa: F8
     assert "init" not in seen
 
 
-def test_self_refinement_counts_both_passes(separator):  # noqa: F811
+def spy_on_sampling(monkeypatch):
+    """Record every ``separate_mixture`` call of the interface: (its keyword arguments, its estimate, nfe)."""
+    calls = []
+    real = inference.separate_mixture
+
+    def spy(model, sde, piece, **kw):
+        est, nfe = real(model, sde, piece, **kw)
+        calls.append((dict(kw), est.clone(), nfe))
+        return est, nfe
+
+    monkeypatch.setattr(inference, "separate_mixture", spy)
+    return calls
+
+
+def test_self_refinement_seeds_diffsep_with_its_own_estimate(separator, monkeypatch):  # noqa: F811
+    """"self": a fast pass (ODE, 2 steps, from the prior) whose estimate is the refinement's init at t_start;
+    the returned estimate is the refinement's, and both passes are counted."""
+    calls = spy_on_sampling(monkeypatch)
     mix = 0.1 * torch.randn(1, 3000, generator=torch.Generator().manual_seed(1))
     separator.set_initial_separator("self", t_start=0.4)
     try:
@@ -40,8 +57,27 @@ def test_self_refinement_counts_both_passes(separator):  # noqa: F811
     finally:
         separator.set_initial_separator(None)
         separator.hparams.t_start = None
+    assert len(calls) == 2
+    (fast_kw, fast_est, fast_nfe), (ref_kw, ref_est, ref_nfe) = calls
+    assert fast_kw["sampler"] == "ode" and fast_kw["num_steps"] == 2 and "init" not in fast_kw
+    assert torch.equal(ref_kw["init"], fast_est) and ref_kw["t_start"] == 0.4
+    assert ref_kw["sampler"] == "ode" and ref_kw["num_steps"] == 2 and ref_kw["generator"] is not None
+    assert torch.equal(est, ref_est.transpose(1, 2)) and not torch.allclose(ref_est, fast_est, atol=1e-4)
     assert est.shape == (1, 3000, 2) and torch.isfinite(est).all()
-    assert separator.last_nfe == 3 + 3  # fast pass (ode, 2 points + denoise) + refinement
+    assert (fast_nfe, ref_nfe) == (3, 3) and separator.last_nfe == 3 + 3  # fast pass + refinement
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the 'self' fast pass draws its prior from the global RNG, not the seed")
+def test_self_refinement_is_reproducible_for_a_seed(separator):  # noqa: F811
+    mix = 0.1 * torch.randn(1, 3000, generator=torch.Generator().manual_seed(1))
+    separator.set_initial_separator("self", t_start=0.4)
+    try:
+        a = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+        b = separator.separate_batch(mix, sampler="ode", num_steps=2, seed=0)
+    finally:
+        separator.set_initial_separator(None)
+        separator.hparams.t_start = None
+    assert torch.equal(a, b)
 
 
 def test_bad_separators(separator, tmp_path):  # noqa: F811
@@ -57,7 +93,10 @@ def test_bad_separators(separator, tmp_path):  # noqa: F811
         inference._load_separator(tmp_path)
 
 
-def test_cli_refine_self(sep_folder, tmp_path):  # noqa: F811
+def test_cli_refine_self(sep_folder, tmp_path, monkeypatch):  # noqa: F811
+    """--refine self --t-start 0.4: the sampler is seeded with the fast pass's estimate at t = 0.4, and the
+    written files are the refinement's estimate, peak-normalized (16-bit PCM)."""
+    calls = spy_on_sampling(monkeypatch)
     wav = tmp_path / "m.wav"
     soundfile.write(str(wav), 0.1 * torch.randn(2400, generator=torch.Generator().manual_seed(2)).numpy(), 8000)
     out = tmp_path / "out"
@@ -65,6 +104,13 @@ def test_cli_refine_self(sep_folder, tmp_path):  # noqa: F811
                               "--sampler", "ode", "--refine", "self", "--t-start", "0.4", "--quiet"])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["m_s1.wav", "m_s2.wav"]
+    assert len(calls) == 2 and "init" not in calls[0][0]
+    assert torch.equal(calls[1][0]["init"], calls[0][1]) and calls[1][0]["t_start"] == 0.4
+    refined = calls[1][1][0]  # (K, time)
+    expected = refined / refined.abs().amax(dim=-1, keepdim=True)
+    for k in range(2):
+        written, rate = soundfile.read(str(out / f"m_s{k + 1}.wav"), dtype="float32")
+        assert rate == 8000 and float((torch.from_numpy(written) - expected[k]).abs().max()) < 2 / 32768
 
 
 def test_mixture_consistency_option(separator):  # noqa: F811
