@@ -546,6 +546,31 @@ def test_a_run_stopped_mid_epoch_and_at_an_epoch_end_resumes_bit_for_bit(data_fo
     assert _results(out) == _results(ref)
 
 
+# --------------------------------------------------------------------------- three speakers
+def test_three_speakers_train_and_test_through_the_recipe(tmp_path):
+    """A tiny WSJ0-3mix layout (s1, s2, s3) with --num_spks=3: the CSVs have s3_wav, training batches
+    and the test stage carry three sources, the estimates of the 3 sources are written and scored."""
+    data = write_tiny_wsj0mix(tmp_path / "wsj0-3mix", num_spks=3)
+    out = tmp_path / "k3"
+    args = _without(TINY_TCN, "test_metrics") + ["--test_metrics=[si_sdr,si_sdri]", "--num_spks=3",
+                                                 "--number_of_epochs=1", "--save_audio=True"]
+    _run(_train_cmd("diffsep_small.yaml", data, out, args))
+    with open(out / "save" / "train.csv") as f:
+        assert {"s1_wav", "s2_wav", "s3_wav"} <= set(next(csv.DictReader(f)))
+    rows = _results(out)
+    assert sorted(r["ID"] for r in rows) == ["avg", "tt00", "tt01"]
+    assert all(np.isfinite(float(r[f"si_sdr_s{k}"])) for r in rows if r["ID"] != "avg" for k in (1, 2, 3))
+    audio = out / "test" / "audio"
+    assert sorted(p.name for p in audio.glob("tt00_*")) == ["tt00_mix.wav", "tt00_s1hat.wav", "tt00_s2hat.wav",
+                                                            "tt00_s3hat.wav"]
+    est = sum(sf.read(audio / f"tt00_s{k}hat.wav", dtype="float64")[0] for k in (1, 2, 3))
+    assert est.shape == sf.read(audio / "tt00_mix.wav")[0].shape
+    batches, prints = _read_rank_log(out / "rank_logs" / "rank0.txt")
+    assert len(batches) == N_TRAIN // 2 and set(prints) == {1}
+    meta = yaml.safe_load((_final_checkpoint(out / "save") / "CKPT.yaml").read_text())
+    assert np.isfinite(meta["si_sdr"]) and np.isfinite(meta["loss"])  # validation separated 3 sources
+
+
 # --------------------------------------------------------------------------- flow matching
 def test_flow_small_trains_tests_and_its_estimates_sum_to_the_mixture(data_folder, tmp_path):
     """flow_small.yaml (objective: flow) through train.py: training, validation and the test stage with
