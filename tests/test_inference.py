@@ -17,6 +17,7 @@ from conftest import DATA
 from speechbrain.dataio import audio_io
 from speechbrain.inference.separation import SepformerSeparation
 from speechbrain_diffsep import export
+from speechbrain_diffsep.chunking import chunk_bounds
 from speechbrain_diffsep.inference import DiffSepEnhancement, DiffSepSeparation, read_audio
 from test_export import make_recipe_run
 
@@ -111,6 +112,8 @@ def test_yaml_sampling_defaults_are_used(sep_folder, tmp_path):
 
 
 def test_chunked_batch_agrees_with_whole_when_one_chunk(separator):
+    """One chunk = the whole; several chunks: deterministic, one sampler run per chunk, and the first chunk's
+    own part (before the first overlap) is that chunk separated alone, times the whole-file gain per source."""
     mix = torch.from_numpy(signal(2400, 5))[None]
     whole = separator.separate_batch(mix, seed=1, **FAST)
     one_chunk = separator.separate_batch(mix, seed=1, chunk_seconds=0.5, overlap_seconds=0.1, **FAST)
@@ -119,6 +122,37 @@ def test_chunked_batch_agrees_with_whole_when_one_chunk(separator):
     assert chunked.shape == whole.shape and torch.isfinite(chunked).all()
     assert separator.last_nfe == 4 * 4  # 4 chunks of 800 samples with hop 640 over 2400 samples
     assert torch.equal(chunked, separator.separate_batch(mix, seed=1, chunk_seconds=0.1, overlap_seconds=0.02, **FAST))
+    first = separator.separate_batch(mix[:, :800], seed=1, **FAST)[0, :640]  # the same draws: chunk 1 comes first
+    part = chunked[0, :640]
+    gain = (part * first).sum(0) / (first * first).sum(0)
+    assert float((part - gain * first).abs().max()) < 1e-5 * float(part.abs().max())
+    assert not torch.allclose(part, whole[0, :640], atol=1e-3)  # (the chunk was not the whole file's first part)
+
+
+def test_chunked_batch_of_a_known_separator_is_the_unchunked_output(separator, monkeypatch):
+    """With the sampler replaced by a pointwise separator [2 max(m, 0), min(m, 0) / 2] that returns its sources
+    in a random order per chunk, the chunked separation must be [max(m, 0), min(m, 0)] (the final
+    least-squares gains onto the mixture are 1/2 and 2) at every sample, seams included: the chunks are
+    aligned, the cross-fade weights sum to 1 and the gains are applied."""
+    from speechbrain_diffsep import inference
+
+    order = torch.Generator().manual_seed(0)
+
+    def pointwise(model, sde, piece, **kw):
+        est = torch.cat([2 * piece.clamp(min=0), 0.5 * piece.clamp(max=0)], dim=1)
+        for b in range(est.shape[0]):
+            est[b] = est[b, torch.randperm(2, generator=order)]
+        return est, 1
+
+    monkeypatch.setattr(inference, "separate_mixture", pointwise)
+    mix = torch.from_numpy(np.stack([signal(2500, 6), signal(2500, 7)]))
+    expected = torch.stack([mix.clamp(min=0), mix.clamp(max=0)], dim=-1)
+    for overlap in (0.02, 0.05):
+        est = separator.separate_batch(mix, chunk_seconds=0.1, overlap_seconds=overlap)
+        assert separator.last_nfe == len(chunk_bounds(2500, 800, round(overlap * SR))) >= 3
+        for b in range(2):
+            aligned = est[b] if float((est[b] - expected[b]).abs().max()) < 1e-3 else est[b].flip(-1)
+            assert torch.allclose(aligned, expected[b], atol=1e-6), (overlap, b)
 
 
 @pytest.mark.parametrize(
