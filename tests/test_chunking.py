@@ -156,6 +156,27 @@ def test_short_input_is_separated_whole():
     assert torch.equal(est[:, perm], s)
 
 
+@pytest.mark.parametrize("crossfade", ["hann", "linear"])
+@pytest.mark.parametrize(
+    "num_samples, chunk, overlap",
+    [(1000, 400, 100), (1050, 400, 100), (1001, 400, 200), (1150, 400, 150), (4000, 41, 20), (801, 400, 1)],
+)
+def test_crossfade_weights_sum_to_one_at_every_sample(num_samples, chunk, overlap, crossfade):
+    """A separator that returns ones makes the output the summed chunk weights: exactly 1 at every sample
+    (first and last samples, every seam, a short tail merged into its predecessor (1050), overlap = chunk/2,
+    a one-sample overlap)."""
+    mix = torch.randn(2, 1, num_samples, generator=torch.Generator().manual_seed(num_samples), dtype=torch.float64)
+    calls = []
+
+    def ones(piece):
+        calls.append(piece.shape[-1])
+        return torch.ones(piece.shape[0], 2, piece.shape[-1], dtype=torch.float64)
+
+    est = separate_in_chunks(ones, mix, SR, chunk / SR, overlap / SR, crossfade=crossfade, rescale=None)
+    assert len(calls) == len(chunk_bounds(num_samples, chunk, overlap)) >= 2
+    assert torch.allclose(est, torch.ones_like(est), rtol=0, atol=1e-12), (est - 1).abs().max()
+
+
 def test_crossfade_blends_inconsistent_chunks():
     """A separator whose output is the chunk index: the overlap gets the ramp between them."""
     mix = torch.randn(1, 1, 1000, dtype=torch.float64)
