@@ -66,19 +66,70 @@ def test_separate_a_folder_of_two_files(model_dir, inputs, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_compile_option_gives_the_eager_output(tmp_path):
-    """--compile (SpeechBrain's run option: torch.compile of the network) changes speed, not output."""
+def _record_loaded_models(monkeypatch):
+    """Wrap ``from_hparams`` of both interfaces; returns the list of ``(kwargs, model)`` it loads."""
+    loaded = []
+    for cls in (DiffSepSeparation, DiffSepEnhancement):
+        real = cls.from_hparams.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            model = _real(klass, *args, **kwargs)
+            loaded.append((kwargs, model))
+            return model
+
+        monkeypatch.setattr(cls, "from_hparams", classmethod(spy))
+    return loaded
+
+
+def test_compile_option_gives_the_eager_output(tmp_path, monkeypatch):
+    """--compile (SpeechBrain's run option: torch.compile of the network) changes speed, not output;
+    and it does compile: the network is a dynamo ``OptimizedModule`` and dynamo captured graphs of its
+    calls (none without the option)."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
     folder = tmp_path / "in"
     folder.mkdir()
     soundfile.write(folder / "a.wav", noise(800, 4), 8000, subtype="FLOAT")
     model = ROOT / "pretrained" / "diffsep-small-minimix"  # the small Conv-TasNet network compiles fast
-    outs = {}
+    loaded = _record_loaded_models(monkeypatch)
+    outs, captured = {}, {}
     for flag in ([], ["--compile"]):
+        torch._dynamo.reset()  # no code cached by an earlier test: this run must trace to compile
+        counters.clear()
         out = tmp_path / ("compiled" if flag else "eager")
         args = [str(folder / "a.wav"), "--model", str(model), "--out", str(out), "--seed", "1", "--quiet"] + flag
         assert cli.separate_main(args) == 0
         outs[bool(flag)] = soundfile.read(out / "a_s1.wav", dtype="float32")[0]
+        captured[bool(flag)] = (counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"])
+        kwargs, sep = loaded[-1]
+        assert kwargs["run_opts"]["compile"] is bool(flag)
+        assert isinstance(sep.mods.score_model, OptimizedModule) is bool(flag)
+    torch._dynamo.reset()
+    assert captured[False] == (0, 0)
+    assert captured[True][0] >= 1 and captured[True][1] > 0, captured
     assert np.abs(outs[True] - outs[False]).max() < 1e-3 and np.abs(outs[False]).max() > 0.5
+
+
+@pytest.mark.parametrize("task", ["separate", "enhance"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_device_option_reaches_the_model(model_dir, enh_dir, inputs, tmp_path, monkeypatch, capsys, task, device):
+    """--device is the Pretrained run option: the model's parameters end on that device ('meta': every
+    parameter is a meta tensor, the file then fails with one line)."""
+    loaded = _record_loaded_models(monkeypatch)
+    main = cli.separate_main if task == "separate" else cli.enhance_main
+    folder = model_dir if task == "separate" else enh_dir
+    rc = main([str(inputs / "a.wav"), "--model", str(folder), "--out", str(tmp_path / "out"), "--steps", "1",
+               "--device", device, "--quiet"])
+    ((kwargs, model),) = loaded
+    assert kwargs["run_opts"]["device"] == device and model.device == device
+    assert {p.device.type for p in model.mods.score_model.parameters()} == {device}
+    err = lines(capsys.readouterr().err)
+    if device == "cpu":
+        assert rc == 0 and err == []
+    else:
+        assert rc == 1 and len(err) == 1 and "a.wav" in err[0] and "meta" in err[0]
 
 
 def test_files_and_chunking_options(model_dir, inputs, tmp_path):
