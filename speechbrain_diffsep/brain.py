@@ -81,7 +81,8 @@ class StopAfterStep(Exception):
     :data:`STOP_EXIT_CODE` (75). Running the same command again (with or without the variable: a
     run that resumes at step ``N`` or later ignores it) resumes from that checkpoint, as after a
     crash. Unset (the default) it does nothing; it exists for the resume tests and is no
-    user-facing option. Under DDP every rank stops at the same checkpoint (the save is collective).
+    user-facing option. Under DDP every rank stops after the same checkpoint (the save is collective);
+    torchrun then exits 1, naming exit code 75.
     """
 
     def __init__(self, step, limit):
