@@ -208,7 +208,7 @@ class GaussianScoreOracle:
         return torch.where(prior, a**2 * S / lam2, off)
 
 
-def gaussian_batch(K, c=0.5, batch=48, n=2000, seed=0):
+def gaussian_batch(K, c=0.5, batch=32, n=1000, seed=0):
     s = c * torch.randn(batch, K, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return s, s.sum(1, keepdim=True)
 
@@ -224,8 +224,8 @@ def oracle_loss(sde, K, seed=1, c=0.5):
 def test_exact_score_of_gaussian_sources_reaches_the_closed_form_minimum(K):
     """With the exact score the loss is the irreducible part, E|conditional - marginal score|^2 (scaled by L_t):
     on the prior branch exactly ``a_T^2 |Pbar s|^2 / lambda_2(T)``, elsewhere within Monte-Carlo error of
-    ``E_z[.]`` (relative std about sqrt(2 / ((K-1) n)) = 3 % per example at n = 2000, tolerance 20 %, at
-    most 0.13 in absolute terms). Building the network input from other noise than the target adds
+    ``E_z[.]`` (relative std about sqrt(2 / ((K-1) n)) = 4.5 % per example at n = 1000, tolerance 25 %, at
+    most 0.17 in absolute terms; over 20 seeds the worst example was off by 15 %, the worst mean by 1.2 %). Building the network input from other noise than the target adds
     ``1 + 1/K + (K-1)/K (lambda_2 - a^2 c^2) / v >= 2/K`` to every example (next test)."""
     sde = MixingSDE(num_sources=K)
     loss, prior, expected, oracle, s, y = oracle_loss(sde, K)
@@ -233,7 +233,7 @@ def test_exact_score_of_gaussian_sources_reaches_the_closed_form_minimum(K):
     assert bool((oracle.seen_t[prior] == sde.T).all()) and bool((oracle.seen_t[~prior] < sde.T).all())
     assert torch.allclose(loss[prior], expected[prior], rtol=1e-9, atol=0)
     ratio = loss[~prior] / expected[~prior]
-    assert float((ratio - 1).abs().max()) < 0.2, ratio
+    assert float((ratio - 1).abs().max()) < 0.25, ratio
     assert abs(float(ratio.mean()) - 1) < 0.02
     # it is the minimum: the scores of sources of another level do worse on the same draws
     for c_wrong in (0.25, 1.0):
@@ -254,5 +254,5 @@ def test_input_and_target_from_different_noise_is_caught(K, monkeypatch):
     monkeypatch.setattr(sde, "prior_sample", lambda y, generator=None, z=None: prior_sample(
         y, z=torch.randn((y.shape[0], K, y.shape[-1]), generator=other, dtype=y.dtype)))
     loss, prior, expected, *_ = oracle_loss(sde, K)
-    assert float((loss[~prior] - expected[~prior]).min()) > 0.8 * 2 / K  # the exact pairing stays within 0.13
+    assert float((loss[~prior] - expected[~prior]).min()) > 0.8 * 2 / K  # the exact pairing stays within 0.17
     assert float((loss[prior] - expected[prior]).min()) > 1.5  # + mean |z - z'|^2 = 2

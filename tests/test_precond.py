@@ -194,7 +194,7 @@ class GaussianOracleF(torch.nn.Module):
 
 
 def gaussian_denoiser_loss(sde, K, c=0.35, sigma_data=0.5, **kw):
-    s = c * torch.randn(48, K, 2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = c * torch.randn(32, K, 1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = s.sum(1, keepdim=True)
     net = GaussianOracleF(sde, c, sigma_data)
     model = PreconditionedScoreModel(net, sde, sigma_data=sigma_data)
@@ -206,14 +206,14 @@ def gaussian_denoiser_loss(sde, K, c=0.35, sigma_data=0.5, **kw):
 @pytest.mark.parametrize("K", [2, 3])
 def test_exact_denoiser_of_gaussian_sources_reaches_the_closed_form_minimum(K):
     """The posterior mean E[s | x_t, y] (linear for Gaussian sources, sigma_data != c so F != 0) gets the
-    irreducible loss: exactly on the prior branch, within 20 % per example (Monte-Carlo std about 3 % at
-    n = 2000) and 2 % on average elsewhere."""
+    irreducible loss: exactly on the prior branch, within 25 % per example (Monte-Carlo std about 4.5 % at
+    n = 1000; the worst of 20 seeds: 14 %) and 2 % on average elsewhere."""
     sde = MixingSDE(num_sources=K)
     loss, prior, expected = gaussian_denoiser_loss(sde, K)
     assert 0 < int(prior.sum()) < len(prior)
     assert torch.allclose(loss[prior], expected[prior], rtol=1e-9, atol=0)
     ratio = loss[~prior] / expected[~prior]
-    assert float((ratio - 1).abs().max()) < 0.2, ratio
+    assert float((ratio - 1).abs().max()) < 0.25, ratio
     assert abs(float(ratio.mean()) - 1) < 0.02
 
 
@@ -222,7 +222,7 @@ def test_exact_denoiser_of_gaussian_sources_reaches_the_closed_form_minimum(K):
 def test_input_built_from_other_sources_or_time_than_the_target_is_caught(K, bug, monkeypatch):
     """The network input x_t built from the sources in another order than the target (e.g. before the
     shuffle), or at another t than the network and the weighting are told, moves the exact denoiser's
-    loss off its closed form: more than a third of the examples leave the 20 % band that the exact pairing
+    loss off its closed form: more than a third of the examples leave the 25 % band that the exact pairing
     keeps (source order: the median loss doubles at least; time: examples move both ways)."""
     sde = MixingSDE(num_sources=K)
     marginal = sde.sample_marginal
@@ -235,6 +235,6 @@ def test_input_built_from_other_sources_or_time_than_the_target_is_caught(K, bug
     monkeypatch.setattr(sde, "sample_marginal", wrong)
     loss, prior, expected = gaussian_denoiser_loss(sde, K, shuffle=bug == "time")
     ratio = loss[~prior] / expected[~prior]
-    assert float(((ratio - 1).abs() > 0.2).double().mean()) > 1 / 3, ratio
+    assert float(((ratio - 1).abs() > 0.25).double().mean()) > 1 / 3, ratio
     if bug == "source order":
         assert float(ratio.median()) > 2.0, ratio
