@@ -245,7 +245,7 @@ def _load_rank_generator(obj, path, end_of_epoch=None):
     obj.load(path, end_of_epoch)
 
 
-_DATA_RNG = {"generator": None, "pid": None}
+_DATA_RNG = {"generator": None, "pid": None, "key": None}
 
 
 def data_generator():
@@ -263,11 +263,39 @@ def data_generator():
 
 
 def seed_data_generator(seed, rank, epoch, worker=None):
-    """(Re)seed this process's crop generator from ``(seed, rank, epoch, worker)``; returns it."""
+    """(Re)seed this process's crop generator from ``(seed, rank, epoch, worker)``; returns it.
+
+    Also sets the key ``(seed, rank, epoch)`` of :func:`example_crop_generator`."""
     gen = torch.Generator()
     gen.manual_seed(derive_seed(int(seed), "crops", int(rank), epoch, "main" if worker is None else int(worker)))
-    _DATA_RNG.update(generator=gen, pid=os.getpid())
+    _DATA_RNG.update(generator=gen, pid=os.getpid(), key=(int(seed), int(rank), epoch))
     return gen
+
+
+def crop_generator(seed, rank, epoch, utt_id):
+    """The generator of one example's training crop: seeded from ``(seed, rank, epoch, utt_id)``.
+
+    A crop then depends on neither the order of the examples nor the DataLoader worker that reads
+    it, so a run resumed mid-epoch (SpeechBrain skips the batches already done without reading
+    them) draws the crops an uninterrupted run draws; every epoch and every DDP rank draws anew.
+
+    Example
+    -------
+    >>> a = torch.randint(0, 1000, (1,), generator=crop_generator(1, 0, 3, "utt1"))
+    >>> b = torch.randint(0, 1000, (1,), generator=crop_generator(1, 0, 3, "utt1"))
+    >>> bool(a == b)
+    True
+    """
+    return torch.Generator().manual_seed(derive_seed(int(seed), "crop", int(rank), epoch, str(utt_id)))
+
+
+def example_crop_generator(utt_id):
+    """:func:`crop_generator` of ``utt_id`` for this process's current ``(seed, rank, epoch)`` (set by
+    :func:`seed_data_generator`), or ``None`` when this process was not set up (then
+    :func:`data_generator`'s rule applies: the global RNG)."""
+    if _DATA_RNG["pid"] != os.getpid() or _DATA_RNG["key"] is None:
+        return None
+    return crop_generator(*_DATA_RNG["key"], utt_id)
 
 
 class DataWorkerInit:

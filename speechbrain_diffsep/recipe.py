@@ -43,7 +43,7 @@ from hyperpyyaml import load_hyperpyyaml
 import speechbrain as sb
 from speechbrain.utils.distributed import ddp_broadcast, if_main_process, run_on_main
 
-from .brain import STOP_EXIT_CODE, DiffSepBrain, StopAfterStep, available_metrics, data_generator
+from .brain import STOP_EXIT_CODE, DiffSepBrain, StopAfterStep, available_metrics, data_generator, example_crop_generator
 from .dynamic_mixing import DynamicMixDataset, dynamic_mixing_from_hparams
 from .metrics import DEFAULT_METRICS, SeparationMetricStats, evaluate_separation, si_sdr
 
@@ -82,19 +82,26 @@ def signal_keys(num_targets):
     return ["mix_sig"] + [f"s{k}_sig" for k in range(1, num_targets + 1)]
 
 
-def random_crop(duration, sample_rate, segment, generator=None):
+def random_crop(duration, sample_rate, segment, generator=None, utt_id=None):
     """``(start, stop)`` of a random crop of ``segment`` samples (``(0, None)``: the whole file).
 
-    The offset comes from ``generator``, else from this process's crop generator
+    The offset comes from ``generator``; else, with ``utt_id``, from that example's own generator
+    (:func:`~speechbrain_diffsep.brain.example_crop_generator`: seeded from the yaml seed, the DDP
+    rank, the epoch and the ID, so that a run resumed mid-epoch draws the crops an uninterrupted
+    run draws); else from this process's crop generator
     (:func:`~speechbrain_diffsep.brain.data_generator`, set up by the Brain per rank, epoch and
-    DataLoader worker), else from the global RNG.
+    DataLoader worker); else from the global RNG.
     """
     if segment is None:
         return 0, None
     n = int(round(float(duration) * sample_rate))
     if n <= segment:
         return 0, None
-    gen = generator if generator is not None else data_generator()
+    gen = generator
+    if gen is None and utt_id is not None:
+        gen = example_crop_generator(utt_id)
+    if gen is None:
+        gen = data_generator()
     start = int(torch.randint(0, n - segment + 1, (1,), generator=gen))
     return start, start + segment
 
@@ -131,10 +138,10 @@ def audio_pipeline(mixture, sources, sample_rate, segment=None, residual_target=
     """
     keys = signal_keys(len(sources) + int(residual_target))
 
-    @sb.utils.data_pipeline.takes("duration", mixture, *sources)
+    @sb.utils.data_pipeline.takes("id", "duration", mixture, *sources)
     @sb.utils.data_pipeline.provides("crop_start", *keys)
-    def pipeline(duration, mix_path, *source_paths):
-        start, stop = random_crop(duration, sample_rate, segment)
+    def pipeline(utt_id, duration, mix_path, *source_paths):
+        start, stop = random_crop(duration, sample_rate, segment, utt_id=utt_id)
         yield start
         mix = read_crop(mix_path, start, stop, segment)
         yield mix

@@ -621,12 +621,6 @@ def test_a_stopped_convtasnet_resumes_its_scheduler_optimizer_and_data_order_bit
     assert (tmp_path / "run" / "train_log.txt").read_text().count("epoch: 3") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a mid-epoch resume restarts the random-crop stream at the epoch's start (on_stage_start "
-    "reseeds it; the loader skips the done batches without reading them), so the crops after the resume "
-    "differ from an uninterrupted run's",
-)
 def test_a_mid_epoch_resume_continues_the_crop_stream(tmp_path, monkeypatch):
     """Random training crops (recipe.audio_pipeline, the per-epoch crop generator of the main process)
     of a run stopped after step 1 of 2 (intra-epoch checkpoint) and resumed are those of an
