@@ -316,15 +316,16 @@ class _DiffSepInterface(Pretrained):
         if t_start is not None:
             self.hparams.t_start = float(t_start)
 
-    def _initial_estimate(self, piece):
-        """(batch, 1, time) -> (batch, K, time) from the initial separator, or None."""
+    def _initial_estimate(self, piece, generator=None):
+        """(batch, 1, time) -> (batch, K, time) from the initial separator, or None. ``generator``:
+        the draws of the 'self' fast pass (the same seed gives the same result)."""
         sep = self.init_separator
         if sep is None:
             return None
         if sep == "self":
             flow = isinstance(self.hparams.sde, SeparationFlow)  # a flow-matching model: its own sampler
             est, nfe = separate_mixture(self.mods.score_model, self.hparams.sde, piece,
-                                        sampler="euler" if flow else "ode", num_steps=2)
+                                        sampler="euler" if flow else "ode", num_steps=2, generator=generator)
             self.last_nfe += nfe
             return est
         fn = sep.separate_batch if hasattr(sep, "separate_batch") else sep
@@ -434,7 +435,7 @@ class _DiffSepInterface(Pretrained):
         self.last_nfe = 0
 
         def separate_fn(piece):
-            init = self._initial_estimate(piece)
+            init = self._initial_estimate(piece, generator)
             if init is not None:
                 opts["init"] = init
                 opts["t_start"] = self._hparam("t_start") or 0.5

@@ -67,7 +67,6 @@ def test_self_refinement_seeds_diffsep_with_its_own_estimate(separator, monkeypa
     assert (fast_nfe, ref_nfe) == (3, 3) and separator.last_nfe == 3 + 3  # fast pass + refinement
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the 'self' fast pass gets no generator, so it draws from the global RNG")
 def test_self_refinement_is_reproducible_for_a_seed(separator, monkeypatch):  # noqa: F811
     """Same seed, same result: every sampling pass draws from the generator it is given (the sampler is
     replaced by one that returns its draws, so no network runs)."""
