@@ -19,3 +19,14 @@ def ref_values():
 
 def t64(x):
     return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_crop_generators():
+    """Every test starts without the process-wide crop generators a Brain sets up per epoch
+    (``brain._DATA_RNG``), so that crops drawn in one test do not depend on the tests before it."""
+    from speechbrain_diffsep import brain
+
+    brain._DATA_RNG.update(generator=None, pid=None, key=None)
+    yield
+    brain._DATA_RNG.update(generator=None, pid=None, key=None)
