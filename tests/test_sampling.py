@@ -233,6 +233,7 @@ def test_schedules():
     ],
 )
 def test_bad_input(sde, kwargs, match):
+    kwargs = dict(kwargs)  # the parameter's dict is shared by every run of the test: do not consume it
     y = kwargs.pop("y")
     with pytest.raises(ValueError, match=match):
         pc_sampler(lambda x, t, y: -x, sde, y, **kwargs)
