@@ -112,6 +112,27 @@ def test_compile_option_gives_the_eager_output(tmp_path, monkeypatch):
     assert np.abs(outs[True] - outs[False]).max() < 1e-3 and np.abs(outs[False]).max() > 0.5
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_mode_option_reaches_speechbrain_compile(model_dir, tmp_path, monkeypatch, capsys, mode):
+    """--compile-mode implies --compile and becomes SpeechBrain's compile_mode run option: the network is
+    wrapped by torch.compile in that mode (nothing compiles here: the only input is unreadable, one line)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    loaded = _record_loaded_models(monkeypatch)
+    rc = cli.separate_main([str(tmp_path / "missing.wav"), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                            "--compile-mode", mode, "--quiet"])
+    ((kwargs, sep),) = loaded
+    assert kwargs["run_opts"] == {"device": "cpu", "compile": True, "compile_mode": mode}
+    assert sep.compile_mode == mode and isinstance(sep.mods.score_model, OptimizedModule)
+    assert rc != 0 and len(lines(capsys.readouterr().err)) == 1
+
+
+def test_compile_mode_rejects_unknown_modes(capsys):
+    assert cli.separate_main(["a.wav", "--model", "m", "--compile-mode", "fastest"]) == 2
+    (err,) = lines(capsys.readouterr().err)
+    assert "--compile-mode: invalid choice: 'fastest'" in err
+
+
 @pytest.mark.parametrize("task", ["separate", "enhance"])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_device_option_reaches_the_model(model_dir, enh_dir, inputs, tmp_path, monkeypatch, capsys, task, device):
