@@ -67,13 +67,21 @@ def inputs(n, batch, device):
 
 
 def main(argv=None):
-    from torch.utils.flop_counter import FlopCounterMode
-
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA GPU; pass --device cpu --quick")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # bf16 rows: no TF32 in fp32 ops
+    try:
+        return _run(args, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+
+def _run(args, device):
+    from torch.utils.flop_counter import FlopCounterMode
+
     model, nf, seconds = build(args.quick, device)
     n = int(seconds * 8000)
     x, t, y = inputs(n, 1, device)

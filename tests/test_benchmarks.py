@@ -101,3 +101,31 @@ def test_mutation_score_counts_timeouts_as_killed_and_leaves_untested_mutants_ou
     assert rows["sde"]["score"] == pytest.approx(100 * 2 / 3, abs=0.1)  # (killed + timeout) / tested
     assert rows["normalize"]["score"] == 100.0 and rows["all"]["mutants"] == 5
     assert rows["all"]["score"] == pytest.approx(75.0)
+
+
+# --------------------------------------------------------------------------- ncsnpp_call_speed.py
+def test_ncsnpp_call_speed_quick_mode_times_every_eager_mode_and_writes_its_table(tmp_path, monkeypatch, tf32):
+    """The call-latency benchmark on CPU at a tiny size: channels_last and batching change the time,
+    not the numbers (the same output as NCHW batch 1), and the markdown table has one row per mode."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("ncsnpp_call_speed", ROOT / "benchmarks" / "ncsnpp_call_speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    modes = ["bf16", "bf16 channels_last", "bf16 batch"]
+    rep = speed.main(["--device", "cpu", "--quick", "--modes", *modes, "--batch", "3", "--repeats", "1",
+                      "--out", str(tmp_path)])
+    assert list(rep["modes"]) == modes and rep["gflop_per_call"] > 0
+    for mode, e in rep["modes"].items():
+        assert "error" not in e and e["finite"] and e["ms_per_call"] > 0, (mode, e)
+        assert e["rel_diff_vs_first_mode"] < 1e-2, (mode, e)
+    assert rep["modes"]["bf16 batch"]["batch"] == 3
+    assert rep["modes"]["bf16 batch"]["ms_per_mixture"] == pytest.approx(rep["modes"]["bf16 batch"]["ms_per_call"] / 3, abs=1e-3)
+    table = (tmp_path / "ncsnpp_call_speed.md").read_text()
+    assert sum(line.startswith(("| bf16", "| compiled")) for line in table.splitlines()) == len(modes)
+    assert json.loads((tmp_path / "ncsnpp_call_speed.json").read_text())["modes"] == rep["modes"]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32  # restored
+
+
+@pytest.fixture
+def tf32():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
