@@ -238,3 +238,160 @@ def test_input_built_from_other_sources_or_time_than_the_target_is_caught(K, bug
     assert float(((ratio - 1).abs() > 0.25).double().mean()) > 1 / 3, ratio
     if bug == "source order":
         assert float(ratio.median()) > 2.0, ratio
+
+
+# ------------------------------------------------------------------ denoiser_loss: its draws, wrappers, pit_above
+class Recording(PreconditionedScoreModel):
+    """Records what training feeds the model (x, t) and answers with a fixed network output."""
+
+    def forward(self, x, t, y, output="score"):
+        self.seen = dict(x=x, t=t, output=output)
+        return super().forward(x, t, y, output=output)
+
+
+class FixedF(torch.nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x_in, t, y):
+        return self.f
+
+
+def _batch(B=64, K=2, n=6, seed=51):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, K, n, generator=g, dtype=torch.float64)
+    return s, s.sum(1, keepdim=True), torch.randn(B, K, n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(shuffle=False), dict(t_sampling="power"), dict(t_sampling="power", t_power=3.0), dict(t_max=0.4),
+     dict(mismatch_p=0.5), dict(mismatch_p=0.5, mismatch_above=0.8), dict(p_T=0.3, pit_above=0.6)],
+    ids=["defaults", "no-shuffle", "power-default", "power-3", "t_max", "mismatch", "mismatch-above", "pit"],
+)
+def test_denoiser_loss_draws_what_draw_training_inputs_draws(sde, kw):
+    """Same seed, same options: the model sees draw_training_inputs's (x, t) (defaults included: p_T 0.1,
+    shuffle on, power 1, mismatch_above 0.5) and the loss is ``mean(|Pbar (D - s_pi)|^2) / c_out(t)^2``, in the
+    given order or, on the prior branch and at t >= pit_above, the best order."""
+    from speechbrain_diffsep.losses import draw_training_inputs
+
+    s, y, f = _batch()
+    model = Recording(FixedF(f), sde, sigma_data=0.5)
+    loss, used = denoiser_loss(model, sde, s, y, generator=torch.Generator().manual_seed(52), **kw)
+    pit_above = kw.pop("pit_above", None)
+    s2, t, z, x, prior = draw_training_inputs(sde, s, y, generator=torch.Generator().manual_seed(52), **kw)
+    assert torch.equal(model.seen["x"], x) and torch.equal(model.seen["t"], t) and model.seen["output"] == "denoised"
+    expected_used = prior if pit_above is None else prior | (t >= pit_above)
+    assert torch.equal(used, expected_used)
+    d = model.denoise(x, t, y)
+    _, _, c_out, _ = model.scalings(t)
+    per = torch.stack([((d - s2[:, p]) - (d - s2[:, p]).mean(1, keepdim=True)).div(c_out).pow(2).mean(dim=(1, 2))
+                       for p in ([0, 1], [1, 0])], 1)
+    assert torch.allclose(loss, torch.where(used, per.min(1).values, per[:, 0]), rtol=1e-12, atol=0)
+    if pit_above is not None:
+        assert bool((used & ~prior).any()) and bool((per[used, 1] < per[used, 0]).any())
+
+
+def test_denoiser_loss_reaches_the_model_inside_a_ddp_wrapper(sde):
+    """A DistributedDataParallel-like wrapper (the model under ``.module``, no ``scalings`` of its own): the loss
+    calls the wrapper and weights by the inner model's c_out, the same numbers as without the wrapper."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    s, y, f = _batch(B=8)
+    model = PreconditionedScoreModel(FixedF(f), sde, sigma_data=0.5)
+    wrapped = Wrapper(model)
+    loss, used = denoiser_loss(wrapped, sde, s, y, p_T=0.25, generator=torch.Generator().manual_seed(53))
+    direct, used2 = denoiser_loss(model, sde, s, y, p_T=0.25, generator=torch.Generator().manual_seed(53))
+    assert wrapped.calls == 1 and torch.equal(loss, direct) and torch.equal(used, used2)
+
+
+def test_pit_above_includes_its_own_time(sde):
+    """``pit_above=t0`` takes the permutation minimum for every example with ``t >= t0``: t0 set to a drawn t."""
+    from speechbrain_diffsep.losses import draw_training_inputs
+
+    s, y, f = _batch(B=16)
+    _, t, _, _, prior = draw_training_inputs(sde, s, y, p_T=0.0, generator=torch.Generator().manual_seed(54))
+    t0 = float(t[5])
+    model = PreconditionedScoreModel(FixedF(f), sde, sigma_data=0.5)
+    _, used = denoiser_loss(model, sde, s, y, p_T=0.0, pit_above=t0, generator=torch.Generator().manual_seed(54))
+    assert bool(used[5]) and torch.equal(used, t >= t0) and 0 < int(used.sum()) < 16
+
+
+# ------------------------------------------------------------------ the wrapper's SDE, defaults and dtypes
+def test_model_copies_the_given_sde_and_defaults_to_the_papers():
+    """The scalings follow the given SDE (all six parameters copied, into a new object); without one the paper's
+    MixingSDE() and sigma_data = 0.5."""
+    custom = dict(num_sources=3, gamma=1.5, sigma_min=0.04, sigma_max=0.6, t_eps=0.02, T=0.9)
+    sde = MixingSDE(**custom)
+    model = PreconditionedScoreModel(torch.nn.Identity(), sde, sigma_data=0.3)
+    assert model.sde is not sde and model.sde_kwargs == custom
+    assert {k: getattr(model.sde, k) for k in custom} == custom
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    lam2 = GaussianOracleF(sde, 1.0, 0.3).terms(t)[0]
+    a, c_skip, c_out, c_in = [v.flatten() for v in model.scalings(t)]
+    sigma = lam2.sqrt() / torch.exp(-1.5 * t)
+    assert torch.allclose(a, torch.exp(-1.5 * t), rtol=1e-14)
+    assert torch.allclose(c_skip, 0.09 / (sigma**2 + 0.09), rtol=1e-12)
+    assert torch.allclose(c_out, 0.3 * sigma / (sigma**2 + 0.09).sqrt(), rtol=1e-12)
+    assert torch.allclose(c_in, 1 / (sigma**2 + 0.09).sqrt(), rtol=1e-12)
+    default = PreconditionedScoreModel(torch.nn.Identity())
+    assert default.sigma_data == 0.5
+    assert default.sde_kwargs == dict(num_sources=2, gamma=2.0, sigma_min=0.05, sigma_max=0.5, t_eps=0.03, T=1.0)
+    paper = PreconditionedScoreModel(torch.nn.Identity(), MixingSDE(), sigma_data=0.5)
+    assert all(torch.equal(u, v) for u, v in zip(default.scalings(t), paper.scalings(t)))
+
+
+class RecordingF(torch.nn.Module):
+    """Records its inputs; answers with a fixed output in a chosen dtype (a network run in lower precision)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x_in, t, y):
+        self.seen = (x_in, t, y)
+        return self.f
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_denoise_formula_with_low_precision_times_and_network(sde, out_dtype):
+    """``D = y/K + c_skip Pbar x / a + c_out Pbar F(c_in Pbar x / a, t, y)``, evaluated in x's dtype: a float32 t is
+    read in float64 (its exact value) before the scalings, and a network answering in float32 or bfloat16 has its
+    output cast to x's dtype before the projection. The network gets t in x's dtype and the mixture itself."""
+    s, y, f = _batch(B=3, n=16)
+    x = s + 0.3 * f
+    f_low = f.to(out_dtype)
+    net = RecordingF(f_low)
+    model = PreconditionedScoreModel(net, sde, sigma_data=0.5)
+    t32 = torch.tensor([0.1, 0.45, 0.9], dtype=torch.float32)
+    t = t32.double()
+    lam2 = GaussianOracleF(sde, 1.0, 0.5).terms(t)[0]
+    a = torch.exp(-2.0 * t)
+    sigma = lam2.sqrt() / a
+    norm = (sigma**2 + 0.25).sqrt()
+    c_skip, c_out, c_in = 0.25 / norm**2, 0.5 * sigma / norm, 1 / norm
+    col = lambda v: v[:, None, None]  # noqa: E731
+    xb = (x - x.mean(1, keepdim=True)) / col(a)
+    fd = f_low.double()
+    expected = y / 2 + col(c_skip) * xb + col(c_out) * (fd - fd.mean(1, keepdim=True))
+    d = model.denoise(x, t32, y)
+    assert d.dtype == torch.float64
+    assert torch.allclose(d, expected, rtol=1e-12, atol=1e-12)
+    x_in, t_seen, y_seen = net.seen
+    assert t_seen.dtype == torch.float64 and torch.equal(t_seen, t) and y_seen is y
+    assert torch.allclose(x_in, col(c_in) * xb, rtol=1e-12, atol=1e-14)
+    # the score from it, -Sigma_t^{-1}(x - mu_t(D)), with the same exact t
+    lam1 = sde.sigma_min**2 * ((sde.sigma_max / sde.sigma_min) ** (2 * t) - 1)  # MATH.md
+    r = x - (expected.mean(1, keepdim=True) + col(a) * (expected - expected.mean(1, keepdim=True)))
+    score = -(r.mean(1, keepdim=True) / col(lam1) + (r - r.mean(1, keepdim=True)) / col(lam2))
+    assert torch.allclose(model(x, t32, y), score, rtol=1e-10, atol=1e-10)
