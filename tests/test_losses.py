@@ -304,25 +304,15 @@ def test_bad_input_errors_name_the_input(sde, call, match):
 
 
 # ------------------------------------------------------------------ every draw on the inputs' device
-@pytest.mark.parametrize("fn", ["sample_time", "shuffle_sources", "prior_mismatch_noise", "prior_permutation_loss",
-                                "mismatch_state", "draw_training_inputs"])
-def test_outputs_follow_the_inputs_device(sde, fn):
-    """Every random draw and every time tensor is made on the inputs' device (here the "meta" device, which
-    refuses to mix with CPU tensors, so a draw left on the default device raises or shows in the output)."""
+def test_mismatch_draws_follow_the_inputs_device(sde):
+    """The mismatch choice and times are drawn on the inputs' device (here "meta", which refuses to mix with CPU
+    tensors). The other draws are checked more cheaply below, under a default device other than the inputs'
+    (the first meta computation imports torch._dynamo, about 2 s once per process)."""
     s = torch.empty(4, 2, 8, device="meta", dtype=torch.float64)
     y = torch.empty(4, 1, 8, device="meta", dtype=torch.float64)
-    t = torch.full((4,), 0.5, device="meta", dtype=torch.float64)
-    calls = {
-        "sample_time": lambda: [sample_time(4, sde, dtype=torch.float64, device="meta")],
-        "shuffle_sources": lambda: [shuffle_sources(s)],
-        "prior_mismatch_noise": lambda: [prior_mismatch_noise(s, s, y, sde)],
-        "prior_permutation_loss": lambda: list(prior_permutation_loss(s, s, s, y, sde)),
-        "mismatch_state": lambda: [mismatch_state(sde, s, t, s)],
-        "draw_training_inputs": lambda: list(draw_training_inputs(sde, s, y, p_T=0.5, mismatch_p=0.5)),
-    }
-    out = calls[fn]()
+    out = draw_training_inputs(sde, s, y, p_T=0.5, mismatch_p=0.5)
     assert all(o.device.type == "meta" for o in out)
-    assert all(o.dtype in (torch.float64, torch.bool, torch.int64) for o in out)
+    assert [o.dtype for o in out] == [torch.float64] * 4 + [torch.bool]
 
 
 # ------------------------------------------------------------------ closed forms at T != 1 (float64 throughout)
@@ -554,3 +544,46 @@ def test_sample_time_power_defaults_to_uniform(sde):
 
     assert torch.equal(draw(kind="power"), draw())
     assert not torch.equal(draw(kind="power", power=2.0), draw())
+
+
+@pytest.mark.parametrize("fn", ["sample_time", "shuffle_sources", "prior_mismatch_noise", "prior_permutation_loss",
+                                "draw_training_inputs"])
+def test_a_default_device_elsewhere_changes_nothing(sde, fn):
+    """Under ``with torch.device(...)`` (a default device other than the inputs'), the results are the same: no
+    draw or time tensor is made on the default device (here "meta", which cannot be copied back to the CPU)."""
+    s, y, z = _sources(B=6)
+    calls = {
+        "sample_time": lambda: [sample_time(5, sde, torch.Generator().manual_seed(1), dtype=torch.float64, device="cpu")],
+        "shuffle_sources": lambda: [shuffle_sources(s, torch.Generator().manual_seed(1))],
+        "prior_mismatch_noise": lambda: [prior_mismatch_noise(z, s, y, sde)],
+        "prior_permutation_loss": lambda: list(prior_permutation_loss(z, z, s, y, sde)),
+        "draw_training_inputs": lambda: list(draw_training_inputs(sde, s, y, p_T=0.5, generator=torch.Generator().manual_seed(1))),
+    }
+    ref = calls[fn]()
+    with torch.device("meta"):
+        out = calls[fn]()
+    assert all(o.device.type == "cpu" and torch.equal(o, r) for o, r in zip(out, ref))
+
+
+def test_mismatch_draws_come_after_the_papers_draws(sde):
+    """The generator's numbers in order: prior choice (B), shuffle keys (B x K), t (B), z (B x K x n); with
+    mismatch_p = 0 nothing more is drawn (a run without mismatch training keeps the paper's random stream),
+    with mismatch_p > 0 the next B uniforms choose the mismatch examples, strictly below mismatch_p."""
+    B, K, n, seed = 64, 2, 1, 21
+    g_ref = torch.Generator().manual_seed(seed + 1)
+    torch.rand(B, generator=g_ref)
+    torch.rand(B, K, generator=g_ref)
+    torch.rand(B, generator=g_ref, dtype=torch.float64)
+    torch.randn(B, K, n, generator=g_ref, dtype=torch.float64)
+    state = g_ref.get_state()
+    u_mm = torch.rand(B, generator=g_ref)
+    s = torch.randn(B, K, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = s.sum(1, keepdim=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    draw_training_inputs(sde, s, y, generator=g, mismatch_p=0.0)
+    assert torch.equal(g.get_state(), state)
+    _, _, _, _, _, _, prior = _draw(sde, B=B)
+    i = int(torch.nonzero(~prior)[3])
+    s, y, s2, t, z, x, prior = _draw(sde, B=B, mismatch_p=float(u_mm[i]))
+    mm = ~torch.isclose(x, sde.sample_marginal(s2, t, z=z)[0], atol=1e-12).all(dim=2).all(dim=1) & ~prior
+    assert torch.equal(mm, (u_mm < float(u_mm[i])) & ~prior) and not bool(mm[i]) and int(mm.sum()) > 0
