@@ -1,4 +1,6 @@
 """SpectralTransform against the authors' compression values, torchaudio and round trips."""
+import re
+
 import pytest
 import torch
 import torchaudio
@@ -30,7 +32,7 @@ def test_compression_matches_reference(ref_values, case):
     assert (back - x).abs().max() <= 1e-12
 
 
-@pytest.mark.parametrize("exponent, factor", [(0.5, 0.15), (1.0, 0.33), (0.667, 3.0)])
+@pytest.mark.parametrize("exponent, factor", [(0.5, 0.15), (1.0, 0.33), (0.667, 3.0), (2.0, 0.5)])
 def test_compression_closed_form(exponent, factor):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 2, generator=g, dtype=torch.float64)
@@ -97,33 +99,70 @@ def test_window_is_periodic_hann_and_not_saved():
     assert "window" not in transform.state_dict()
 
 
+def exactly(message):
+    """``pytest.raises(match=...)`` pattern for exactly this one-line message."""
+    return "^" + re.escape(message) + "$"
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, message",
     [
-        (dict(n_fft=1), "n_fft"),
-        (dict(hop_length=0), "hop_length"),
-        (dict(hop_length=600), "hop_length"),
-        (dict(exponent=0.0), "exponent"),
-        (dict(factor=-0.15), "factor"),
+        (dict(n_fft=1), "n_fft must be an integer >= 2, got 1"),
+        (dict(n_fft=2.5, hop_length=1), "n_fft must be an integer >= 2, got 2.5"),
+        (dict(hop_length=0), "hop_length must be an integer in [1, n_fft=510], got 0"),
+        (dict(hop_length=511), "hop_length must be an integer in [1, n_fft=510], got 511"),
+        (dict(hop_length=127.5), "hop_length must be an integer in [1, n_fft=510], got 127.5"),
+        (dict(exponent=0.0), "exponent must be > 0, got 0.0"),
+        (dict(factor=-0.15), "factor must be > 0, got -0.15"),
     ],
 )
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=exactly(message)):
         SpectralTransform(**kwargs)
+
+
+@pytest.mark.parametrize("n_fft, hop_length", [(2, 1), (2, 2), (16, 1), (16, 16), (510, 510)])
+def test_smallest_and_largest_valid_arguments(n_fft, hop_length):
+    """n_fft = 2 and 1 <= hop_length <= n_fft are valid (the bounds are inclusive)."""
+    transform = SpectralTransform(n_fft=n_fft, hop_length=hop_length)
+    assert (transform.n_fft, transform.hop_length, transform.num_freqs) == (n_fft, hop_length, n_fft // 2 + 1)
+    spec = transform(torch.randn(1, 2, 37, generator=torch.Generator().manual_seed(0)))
+    assert spec.shape == (1, 2, n_fft // 2 + 1, transform.num_frames(37))
+
+
+def test_window_follows_the_input_device():
+    """The window buffer stays where the module is; each call moves it to the input's device."""
+    transform = SpectralTransform()
+    wav = torch.empty(2, 3, 1000, device="meta", dtype=torch.float64)
+    spec = transform(wav)
+    assert spec.device.type == "meta" and spec.dtype == torch.complex128
+    assert spec.shape == (2, 3, 256, transform.num_frames(1000))
+    assert transform.window.device.type == "cpu"
 
 
 def test_bad_inputs():
     transform = SpectralTransform()
-    with pytest.raises(ValueError, match="wav"):
+    hint = "; add the channel axis with wav.unsqueeze(1)"
+    wav_msg = "wav must be a real tensor shaped (batch, channels, samples), got "
+    with pytest.raises(ValueError, match=exactly(wav_msg + "(2, 100)" + hint)):
         transform(torch.randn(2, 100))
-    with pytest.raises(ValueError, match="wav"):
+    with pytest.raises(ValueError, match=exactly(wav_msg + "(1, 1, 100)" + hint)):
         transform(torch.randn(1, 1, 100, dtype=torch.complex64))
-    with pytest.raises(ValueError, match="wav"):
+    with pytest.raises(ValueError, match=exactly(wav_msg + "list" + hint)):
         transform([0.0, 1.0])
+    with pytest.raises(ValueError, match=exactly("wav must have at least one sample")):
+        transform(torch.randn(1, 1, 0))
     spec = transform(torch.randn(1, 1, 500))
-    with pytest.raises(ValueError, match="spec"):
+    assert spec.shape == (1, 1, 256, 7)
+    spec_msg = "spec must be a complex tensor shaped (batch, channels, freqs, frames), got "
+    with pytest.raises(ValueError, match=exactly(spec_msg + "(1, 1, 256, 7)")):
         transform.inverse(spec.real, 500)
-    with pytest.raises(ValueError, match="frequency bins"):
+    with pytest.raises(ValueError, match=exactly(spec_msg + "(256, 7)")):
+        transform.inverse(spec[0, 0], 500)
+    with pytest.raises(ValueError, match=exactly(spec_msg + "ndarray")):
+        transform.inverse(spec.numpy(), 500)
+    with pytest.raises(ValueError, match=exactly("spec has 100 frequency bins, expected n_fft // 2 + 1 = 256")):
         transform.inverse(spec[:, :, :100], 500)
-    with pytest.raises(ValueError, match="length"):
-        transform.inverse(spec, 0)
+    for length in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=exactly(f"length must be a positive integer, got {length}")):
+            transform.inverse(spec, length)
