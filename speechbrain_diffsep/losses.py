@@ -10,6 +10,7 @@
 """
 
 import itertools
+import math
 
 import torch
 
@@ -91,7 +92,7 @@ def mismatch_state(sde, s, t, z, y=None):
     _, lam2 = sde.eigenvalues(t)
     _, lam2_T = sde.eigenvalues(torch.full_like(t, sde.T))
     r2 = (lam2 / lam2_T).sqrt().to(s.dtype)
-    offset = (r2 * torch.exp(torch.tensor(-sde.gamma * sde.T, dtype=s.dtype)))[:, None, None]
+    offset = (r2 * math.exp(-sde.gamma * sde.T))[:, None, None]  # a Python float: no tensor on the default device
     x, _ = sde.sample_marginal(s, t, z=z, y=y)
     return x - offset * (s - s.mean(dim=1, keepdim=True))
 

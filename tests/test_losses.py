@@ -547,17 +547,21 @@ def test_sample_time_power_defaults_to_uniform(sde):
 
 
 @pytest.mark.parametrize("fn", ["sample_time", "shuffle_sources", "prior_mismatch_noise", "prior_permutation_loss",
-                                "draw_training_inputs"])
+                                "draw_training_inputs", "mismatch_state", "draw_training_inputs, mismatch_p"])
 def test_a_default_device_elsewhere_changes_nothing(sde, fn):
     """Under ``with torch.device(...)`` (a default device other than the inputs'), the results are the same: no
     draw or time tensor is made on the default device (here "meta", which cannot be copied back to the CPU)."""
     s, y, z = _sources(B=6)
+    t = torch.full((6,), 0.8, dtype=torch.float64)
     calls = {
         "sample_time": lambda: [sample_time(5, sde, torch.Generator().manual_seed(1), dtype=torch.float64, device="cpu")],
         "shuffle_sources": lambda: [shuffle_sources(s, torch.Generator().manual_seed(1))],
         "prior_mismatch_noise": lambda: [prior_mismatch_noise(z, s, y, sde)],
         "prior_permutation_loss": lambda: list(prior_permutation_loss(z, z, s, y, sde)),
         "draw_training_inputs": lambda: list(draw_training_inputs(sde, s, y, p_T=0.5, generator=torch.Generator().manual_seed(1))),
+        "mismatch_state": lambda: [mismatch_state(sde, s, t, z, y)],
+        "draw_training_inputs, mismatch_p": lambda: list(draw_training_inputs(
+            sde, s, y, p_T=0.2, mismatch_p=0.5, generator=torch.Generator().manual_seed(1))),
     }
     ref = calls[fn]()
     with torch.device("meta"):
