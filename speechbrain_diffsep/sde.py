@@ -82,7 +82,7 @@ class MixingSDE:
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
-        if gamma < 0:
+        if not gamma >= 0:  # NaN too
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not (0 < t_eps < T):
             raise ValueError(f"need 0 < t_eps < T, got t_eps={t_eps}, T={T}")

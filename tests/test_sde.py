@@ -205,6 +205,7 @@ def test_mixture_checks_name_the_mixture(method, y, got):
         (dict(sigma_min=0.5), "need 0 < sigma_min < sigma_max, got sigma_min=0.5, sigma_max=0.5"),
         (dict(sigma_min=0.5, sigma_max=0.1), "need 0 < sigma_min < sigma_max, got sigma_min=0.5, sigma_max=0.1"),
         (dict(gamma=-1.0), "gamma must be >= 0, got -1.0"),
+        (dict(gamma=float("nan")), "gamma must be >= 0, got nan"),
         (dict(t_eps=0.0), "need 0 < t_eps < T, got t_eps=0.0, T=1.0"),
         (dict(t_eps=0.5, T=0.5), "need 0 < t_eps < T, got t_eps=0.5, T=0.5"),
     ],
