@@ -129,3 +129,27 @@ def test_ncsnpp_call_speed_quick_mode_times_every_eager_mode_and_writes_its_tabl
 @pytest.fixture
 def tf32():
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+# --------------------------------------------------------------------------- restart_cycles.py
+@pytest.mark.parametrize("cycles, steps", [(1, 1), (4, 1), (3, 2)])
+def test_restart_cycles_calls_and_settings(cycles, steps):
+    """The experiment's sampler spends 1 + cycles x steps calls, each cycle renoising around the last
+    estimate at t_cycle (the times the network sees), and its setting strings parse as documented."""
+    spec = importlib.util.spec_from_file_location("restart_cycles", ROOT / "benchmarks" / "restart_cycles.py")
+    rc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rc)
+    sde, times = MixingSDE(), []
+
+    def score(x, t, y):
+        times.append(float(t[0]))
+        return -0.1 * x
+
+    y = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+    est, nfe = rc.restart_cycles(score, sde, y, num_steps=steps, generator=torch.Generator().manual_seed(1),
+                                 restart_t=0.5, cycles=cycles, t_cycle=0.2)
+    assert nfe == 1 + cycles * steps == len(times) and est.shape == (1, 2, 64) and torch.isfinite(est).all()
+    assert times[0] == pytest.approx(sde.T) and times[1] == pytest.approx(0.5)
+    assert [t for t in times[1 + steps:]][::steps] == pytest.approx([0.2] * (cycles - 1))
+    st = rc.parse_setting(f"{cycles}@0.5,0.2,{steps}")
+    assert st["num_steps"] == steps and st["options"] == {"restart_t": 0.5, "cycles": cycles, "t_cycle": 0.2}
