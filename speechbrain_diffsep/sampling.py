@@ -301,7 +301,8 @@ def ode_sampler(
 ):
     """Probability-flow ODE, Heun's method on ``num_steps`` grid points (2 calls per interval).
 
-    The only randomness is the prior draw. NFE = 2 (num_steps - 1) (+1 with ``denoise_final``).
+    The only randomness is the prior draw. NFE = 2 (max(num_steps, 2) - 1) (+1 with ``denoise_final``,
+    +1 with ``restart_t``): a grid has at least 2 points.
     """
     _check_y(sde, y)
     x, t0, nfe = _start(sde, y, generator, t_start, init, score_fn=score_fn, restart_t=restart_t)
@@ -329,7 +330,7 @@ def edm_sampler(
 
     Each interval ``t_i -> t_{i+1}``: move forward to ``t_hat = min(T, t_i (1 + churn/N))`` with the
     exact forward transition (fresh noise), then one Heun step of the probability-flow ODE to
-    ``t_{i+1}``. NFE = 2 (num_steps - 1) (+1 with ``denoise_final``).
+    ``t_{i+1}``. NFE = 2 (max(num_steps, 2) - 1) (+1 with ``denoise_final``, +1 with ``restart_t``).
     """
     _check_y(sde, y)
     x, t0, nfe = _start(sde, y, generator, t_start, init, score_fn=score_fn, restart_t=restart_t)
