@@ -52,6 +52,7 @@ def prepare(work, modules, tests):
                     ignore=shutil.ignore_patterns("__pycache__"))
     (work / "tests").mkdir()
     shutil.copy(ROOT / "tests" / "conftest.py", work / "tests")
+    shutil.copy(ROOT / "tests" / "helpers.py", work / "tests")  # shared test helpers (from helpers import ...)
     shutil.copytree(ROOT / "tests" / "data", work / "tests" / "data")
     existing = [t for t in tests if (ROOT / "tests" / t).is_file()]
     for t in existing:

@@ -2,13 +2,11 @@
 against the samplers themselves, its table round trip and its degradation summary; gpu_check.py's
 quick CPU mode end to end (so that the GPU check never rots)."""
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +15,9 @@ from speechbrain_diffsep.flow import SeparationFlow
 from speechbrain_diffsep.sampling import SAMPLERS, SDE_SAMPLERS
 from speechbrain_diffsep.sde import MixingSDE
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("sampler_quality", ROOT / "benchmarks" / "sampler_quality.py")
-sq = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sq)
+from helpers import ROOT, load_script
+
+sq = load_script("benchmarks/sampler_quality.py")
 
 
 @pytest.mark.parametrize(
@@ -86,9 +83,7 @@ def test_gpu_check_quick_mode_runs_every_section_on_cpu(tmp_path):
 
 # --------------------------------------------------------------------------- mutation_score.py
 def test_mutation_score_counts_timeouts_as_killed_and_leaves_untested_mutants_out():
-    spec = importlib.util.spec_from_file_location("mutation_score", ROOT / "benchmarks" / "mutation_score.py")
-    ms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ms)
+    ms = load_script("benchmarks/mutation_score.py")
     status = {"speechbrain_diffsep.sde.xǁMixingSDEǁmean__mutmut_1": "killed",
               "speechbrain_diffsep.sde.xǁMixingSDEǁmean__mutmut_2": "survived",
               "speechbrain_diffsep.sde.x_helper__mutmut_1": "timeout",
@@ -108,9 +103,7 @@ def test_ncsnpp_call_speed_quick_mode_times_every_eager_mode_and_writes_its_tabl
     """The call-latency benchmark on CPU at a tiny size: channels_last and batching change the time,
     not the numbers (the same output as NCHW batch 1), and the markdown table has one row per mode."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("ncsnpp_call_speed", ROOT / "benchmarks" / "ncsnpp_call_speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_script("benchmarks/ncsnpp_call_speed.py")
     modes = ["bf16", "bf16 channels_last", "bf16 batch"]
     rep = speed.main(["--device", "cpu", "--quick", "--modes", *modes, "--batch", "3", "--repeats", "1",
                       "--out", str(tmp_path)])
@@ -136,9 +129,7 @@ def tf32():
 def test_restart_cycles_calls_and_settings(cycles, steps):
     """The experiment's sampler spends 1 + cycles x steps calls, each cycle renoising around the last
     estimate at t_cycle (the times the network sees), and its setting strings parse as documented."""
-    spec = importlib.util.spec_from_file_location("restart_cycles", ROOT / "benchmarks" / "restart_cycles.py")
-    rc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rc)
+    rc = load_script("benchmarks/restart_cycles.py")
     sde, times = MixingSDE(), []
 
     def score(x, t, y):

@@ -1,9 +1,7 @@
 """Tests for the data preparation: layouts of wsj0-mix, LibriMix, VoiceBank-DEMAND on tiny fixtures."""
 
-import importlib.util
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,20 +9,12 @@ import soundfile as sf
 
 from speechbrain_diffsep.dataprep import DataLayoutError, read_csv, require_dirs, write_csv
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script
 
 
-def _load(relpath):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-wsj = _load("recipes/WSJ0Mix/separation/prepare_wsj0mix.py")
-libri = _load("recipes/LibriMix/separation/prepare_librimix.py")
-vb = _load("recipes/Voicebank/enhance/prepare_voicebank.py")
+wsj = load_script("recipes/WSJ0Mix/separation/prepare_wsj0mix.py")
+libri = load_script("recipes/LibriMix/separation/prepare_librimix.py")
+vb = load_script("recipes/Voicebank/enhance/prepare_voicebank.py")
 
 
 def _wav(path, n, rate, seed=0):

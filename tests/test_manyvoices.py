@@ -7,7 +7,6 @@ import importlib.util
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,23 +14,14 @@ import soundfile as sf
 
 from speechbrain_diffsep.dataprep import read_csv
 
-ROOT = Path(__file__).resolve().parents[1]
-HAVE_TOOLS = shutil.which("flite") is not None and shutil.which("espeak-ng") is not None
+from helpers import HAVE_TOOLS, load_script, needs_tools
+
 HAVE_FESTIVAL = shutil.which("festival") is not None and shutil.which("text2wave") is not None
-needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="flite / espeak-ng not installed (apt-get install flite espeak-ng)")
 
 
-def _load(relpath):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mv = _load("recipes/ManyVoices/generate_manyvoices.py")
+mv = load_script("recipes/ManyVoices/generate_manyvoices.py")
 texts = sys.modules["manyvoices_texts"]  # the recipe's text module, as the generator imported it
-wsj = _load("recipes/WSJ0Mix/separation/prepare_wsj0mix.py")
+wsj = load_script("recipes/WSJ0Mix/separation/prepare_wsj0mix.py")
 
 # flite: 4 groups (kal+kal16, awb, rms, slt); espeak-ng: 5 variants -> every split gets both engines
 SMALL = dict(

@@ -1,10 +1,8 @@
 """Tests for recipes/MiniMix/generate_minimix.py: layout, mixing, splits, determinism, prep."""
 
 import csv
-import importlib.util
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,22 +10,13 @@ import soundfile as sf
 
 from speechbrain_diffsep.dataprep import read_csv
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import HAVE_TOOLS, load_script, needs_tools
+
 COUNTS = {"tr": 4, "cv": 2, "tt": 2}
-HAVE_TOOLS = shutil.which("flite") is not None and shutil.which("espeak-ng") is not None
-needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="flite / espeak-ng not installed (apt-get install flite espeak-ng)")
 
 
-def _load(relpath):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mm = _load("recipes/MiniMix/generate_minimix.py")
-wsj = _load("recipes/WSJ0Mix/separation/prepare_wsj0mix.py")
+mm = load_script("recipes/MiniMix/generate_minimix.py")
+wsj = load_script("recipes/WSJ0Mix/separation/prepare_wsj0mix.py")
 
 
 def _generate(out, seed=0, cache=None, jobs=2):
