@@ -239,23 +239,38 @@ def run_recipe(args, device, data, work, label, hparams, overrides, batch_size):
 
 
 # --------------------------------------------------------------------------- 3. network calls
-def network_calls(args, device, report):
-    from torch.utils.flop_counter import FlopCounterMode
-
+def paper_network(quick, device):
+    """The NCSN++ whose call is timed: the paper's (nf=128, 4 s at 8 kHz) or, ``quick``, a tiny one
+    (nf=16, 1 s); eval mode, on ``device``. Returns ``(model, nf, seconds)``."""
     from speechbrain_diffsep.ncsnpp import ScoreModel
 
-    nf, seconds = (16, 1.0) if args.quick else (128, 4.0)
-    kwargs = dict(ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[]) if args.quick else {}
+    nf, seconds = (16, 1.0) if quick else (128, 4.0)
+    kwargs = dict(ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[]) if quick else {}
     torch.manual_seed(0)
-    model = ScoreModel(num_sources=2, nf=nf, **kwargs).eval().to(device)
-    n = int(seconds * 8000)
+    return ScoreModel(num_sources=2, nf=nf, **kwargs).eval().to(device), nf, seconds
+
+
+def call_inputs(n, device, batch=1):
+    """A fixed (x, t, y) of ``n`` samples at t = 0.5, the same mixture repeated ``batch`` times."""
     g = torch.Generator().manual_seed(1)
-    y = torch.randn(1, 1, n, generator=g).to(device)
-    x = (y / 2 + 0.3 * torch.randn(1, 2, n, generator=g).to(device))
-    t = torch.full((1,), 0.5, device=device)
+    y = torch.randn(1, 1, n, generator=g)
+    x = y / 2 + 0.3 * torch.randn(1, 2, n, generator=g)
+    t = torch.full((1,), 0.5)
+    return tuple(v.expand(batch, *v.shape[1:]).contiguous().to(device) for v in (x, t, y))
+
+
+def gflop_per_call(model, x, t, y):
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, t, y)
-    gflop = counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 1e9
+
+
+def network_calls(args, device, report):
+    model, nf, seconds = paper_network(args.quick, device)
+    x, t, y = call_inputs(int(seconds * 8000), device)
+    gflop = gflop_per_call(model, x, t, y)
     peak = bf16_peak(card_name(device)) if device.type == "cuda" else None
     warmup, repeats = (1, args.repeats or 2) if args.quick else (3, args.repeats or 20)
     res = {"network": f"NCSN++ nf={nf}, {seconds:g} s at 8 kHz, batch 1, 2 sources",

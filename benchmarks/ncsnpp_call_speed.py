@@ -20,7 +20,6 @@ changes the result shows it.
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_check import bf16_peak, card_name, sync, timed  # noqa: E402
+from gpu_check import bf16_peak, call_inputs, card_name, gflop_per_call, paper_network, sync, timed  # noqa: E402
 
 MODES = ["bf16", "bf16 channels_last", "compiled bf16 channels_last",
          "compiled bf16 channels_last cudagraphs", "bf16 batch"]
@@ -47,25 +46,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(quick, device):
-    from speechbrain_diffsep.ncsnpp import ScoreModel
-
-    nf, seconds = (16, 1.0) if quick else (128, 4.0)
-    kwargs = dict(ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[]) if quick else {}
-    torch.manual_seed(0)
-    model = ScoreModel(num_sources=2, nf=nf, **kwargs).eval().to(device)
-    return model, nf, seconds
-
-
-def inputs(n, batch, device):
-    g = torch.Generator().manual_seed(1)
-    y = torch.randn(1, 1, n, generator=g)
-    x = y / 2 + 0.3 * torch.randn(1, 2, n, generator=g)
-    t = torch.full((1,), 0.5)
-    rep = lambda v: v.expand(batch, *v.shape[1:]).contiguous().to(device)  # noqa: E731
-    return rep(x), rep(t), rep(y)
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -80,14 +60,9 @@ def main(argv=None):
 
 
 def _run(args, device):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model, nf, seconds = build(args.quick, device)
+    model, nf, seconds = paper_network(args.quick, device)
     n = int(seconds * 8000)
-    x, t, y = inputs(n, 1, device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, t, y)
-    gflop = counter.get_total_flops() / 1e9
+    gflop = gflop_per_call(model, *call_inputs(n, device))
     card = card_name(device)
     peak = bf16_peak(card) if device.type == "cuda" else None
     warmup, repeats = (1, args.repeats or 2) if args.quick else (5, args.repeats or 30)
@@ -102,7 +77,7 @@ def _run(args, device):
         if mode.startswith("compiled"):
             net = torch.compile(net, backend=backend,
                                 mode="reduce-overhead" if "cudagraphs" in mode and backend == "inductor" else None)
-        xb, tb, yb = inputs(n, batch, device)
+        xb, tb, yb = call_inputs(n, device, batch)
 
         def call():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
