@@ -2,10 +2,10 @@
 
 A *model folder* holds ``hyperparams.yaml`` (top-level keys ``score_model``, ``sde``,
 ``sample_rate``, ``num_spks``, ``modules``, ``pretrainer`` and the sampling defaults ``sampler``,
-``num_steps``, ``sampler_options``, ``seed``, ``chunk_seconds``, ``overlap_seconds``) and
-``score_model.ckpt`` (the score network's weights). ``python -m speechbrain_diffsep.export`` makes
-one from a recipe's checkpoint or from the authors' released checkpoint; ``from_hparams`` loads it
-from a local folder without any network access.
+``num_steps``, ``sampler_options``, ``sampler_presets``, ``seed``, ``chunk_seconds``,
+``overlap_seconds``) and ``score_model.ckpt`` (the score network's weights).
+``python -m speechbrain_diffsep.export`` makes one from a recipe's checkpoint or from the authors'
+released checkpoint; ``from_hparams`` loads it from a local folder without any network access.
 
 :class:`DiffSepSeparation` is a drop-in replacement for SpeechBrain's ``SepformerSeparation``:
 ``separate_batch(mix [batch, time]) -> [batch, time, K]`` and ``separate_file(path) -> [1, time, K]``
@@ -53,6 +53,7 @@ DEFAULTS = {
     "sampler": "pc",
     "num_steps": 30,
     "sampler_options": {},
+    "sampler_presets": {},
     "seed": None,
     "chunk_seconds": None,
     "overlap_seconds": 1.0,
@@ -394,11 +395,20 @@ class _DiffSepInterface(Pretrained):
         return getattr(self.hparams, name, DEFAULTS[name])
 
     def _sampling_plan(self, sampler, num_steps, seed, sampler_options):
-        """Merge per-call options over the yaml's and check them against the sampler's signature."""
+        """Merge the options and check them against the sampler's signature.
+
+        From weakest to strongest: the yaml's ``sampler_presets[name]`` (what this model wants for a
+        sampler chosen by name, e.g. ``pc: {restart_t: 0.2, snr: 0.25}``), the yaml's
+        ``sampler_options`` (for its default ``sampler`` only), the per-call options."""
         yaml_sampler = self._hparam("sampler")
         name = yaml_sampler if sampler is None else sampler
         fn = get_sampler(name)
-        opts = dict(self._hparam("sampler_options") or {}) if name == yaml_sampler else {}
+        presets = self._hparam("sampler_presets") or {}
+        if not hasattr(presets, "get"):
+            raise ValueError(f"sampler_presets in hyperparams.yaml must map sampler names to options, got {presets!r}")
+        opts = dict(presets.get(name) or {}) if isinstance(name, str) else {}
+        if name == yaml_sampler:
+            opts.update(self._hparam("sampler_options") or {})
         opts.update(sampler_options)
         params = inspect.signature(fn).parameters
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):

@@ -111,6 +111,50 @@ def test_yaml_sampling_defaults_are_used(sep_folder, tmp_path):
     assert torch.equal(a, model.separate_batch(mix))  # the yaml seed makes the default call deterministic
 
 
+def test_sampler_presets_apply_to_a_sampler_chosen_by_name(sep_folder):
+    """``sampler_presets[name]`` < the yaml's ``sampler_options`` (default sampler only) < per-call options."""
+    model = DiffSepSeparation.from_hparams(
+        source=str(sep_folder),
+        overrides={"sampler_presets": {"em": {"restart_t": 0.5}, "pc": {"corrector_steps": 0, "snr": 0.25}},
+                   "sampler_options": {"corrector_steps": 1}},
+    )
+    mix = torch.from_numpy(signal(1500))[None]
+    a = model.separate_batch(mix, sampler="em", num_steps=3, seed=0)
+    assert model.last_nfe == 4  # 3 steps + the restart's call at T
+    assert torch.equal(a, separator_call(model, mix, sampler="em", num_steps=3, seed=0, restart_t=0.5))
+    model.separate_batch(mix, sampler="em", num_steps=3, seed=0, restart_t=None)
+    assert model.last_nfe == 3  # a per-call option beats the preset
+    # the default sampler (pc): the yaml's sampler_options (corrector_steps 1, snr 0.5) beat the preset's
+    b = model.separate_batch(mix, num_steps=2, seed=0)
+    assert model.last_nfe == 4
+    assert torch.equal(b, separator_call(model, mix, num_steps=2, seed=0, corrector_steps=1, snr=0.5))
+    assert not torch.equal(b, separator_call(model, mix, num_steps=2, seed=0, corrector_steps=1, snr=0.25))
+    model.separate_batch(mix, sampler="ode", num_steps=3, seed=0)
+    assert model.last_nfe == 5  # no preset for ode
+
+
+def separator_call(model, mix, **kw):
+    """The same call on a copy of the model without presets."""
+    saved = model.hparams.sampler_presets
+    model.hparams.sampler_presets = {}
+    try:
+        return model.separate_batch(mix, **kw)
+    finally:
+        model.hparams.sampler_presets = saved
+
+
+@pytest.mark.parametrize("presets, match", [
+    ({"em": {"snrr": 0.3}}, "sampler 'em': .*unexpected keyword argument 'snrr'"),
+    ({"ode": {"snr": 0.3}}, "sampler 'ode' has no option 'snr'"),
+    ([0.3], "sampler_presets in hyperparams.yaml must map sampler names to options"),
+])
+def test_bad_sampler_presets_are_one_line_errors(sep_folder, presets, match):
+    model = DiffSepSeparation.from_hparams(source=str(sep_folder), overrides={"sampler_presets": presets})
+    name = next(iter(presets)) if isinstance(presets, dict) else "em"
+    with pytest.raises(ValueError, match=match):
+        model.separate_batch(torch.from_numpy(signal(800))[None], sampler=name, num_steps=2)
+
+
 def test_chunked_batch_agrees_with_whole_when_one_chunk(separator):
     """One chunk = the whole; several chunks: deterministic, one sampler run per chunk, and the first chunk's
     own part (before the first overlap) is that chunk separated alone, times the whole-file gain per source."""
