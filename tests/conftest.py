@@ -6,7 +6,13 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each worker (and every process it starts) computes on one thread, so that N workers
+    # share the cores instead of oversubscribing them
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 DATA = Path(__file__).parent / "data"
 
