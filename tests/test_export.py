@@ -266,6 +266,17 @@ def _load_model_folder_on_rank(rank, world, port, run, savedir, log):
         dist.destroy_process_group()
 
 
+def _preloaded_context():
+    """Processes forked from a server that imported torch and the exporter once (not the pytest
+    process, whose OpenMP threads a fork must not inherit): the same isolation as "spawn", without
+    importing torch again in every child."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "speechbrain_diffsep.export", "speechbrain_diffsep.inference"])
+    return ctx
+
+
 def _start_all(ctx, target, args_list, timeout=240, started=None):
     """Run ``target(*args)`` in one process per ``args``; ``started``: a barrier to join once all
     are running (so that the caller's own work overlaps theirs). Returns the exit codes."""
@@ -296,12 +307,10 @@ def test_concurrent_exports_to_one_folder_leave_it_intact(recipe_run, tmp_path):
     """Three processes export to the same folder at once, over an older export (of another
     checkpoint), while a fourth reads it: the reader never meets a half-written file, and the end
     is one complete folder with the new weights, no staging folder left behind."""
-    import multiprocessing
-
     out, emas, _ = recipe_run
     target = tmp_path / "model"
     export.export_from_recipe(out, target, ckpt="last")
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _preloaded_context()
     barrier, stop, result = ctx.Barrier(5), ctx.Event(), tmp_path.parent / f"{tmp_path.name}_reader.txt"
     reader = ctx.Process(target=_read_until, args=(barrier, stop, str(target), str(result)))
     reader.start()
@@ -342,11 +351,9 @@ def test_a_failed_export_leaves_the_folder_as_it_was(recipe_run, tmp_path, monke
 def test_ddp_test_only_ranks_export_a_recipe_run_once_and_load_the_same_model(recipe_run, tmp_path):
     """load_model_folder under a 2-process gloo group (a torchrun test-only run): the main rank
     exports, the other waits for it; both load the same weights from one folder."""
-    import multiprocessing
-
     out, emas, _ = recipe_run
     savedir, log = tmp_path / "model", tmp_path / "exports.log"
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _preloaded_context()
     port = _free_port()
     codes = _start_all(ctx, _load_model_folder_on_rank, [(r, 2, port, str(out), str(savedir), str(log)) for r in (0, 1)])
     assert codes == [0, 0]
