@@ -173,10 +173,19 @@ def test_eval_from_a_recipe_output_folder_scores_like_its_model_folder(trained, 
     ema = torch.load(next(p for p in sorted((trained / "save").glob("CKPT+*")) if (p / "ema.ckpt").exists()) / "ema.ckpt")
     for name, param in loaded["score_model"].named_parameters():
         torch.testing.assert_close(param, ema[f"module.{name}"], rtol=0, atol=0)
-    outs = {}
-    for label, source in (("folder", model_folder), ("recipe", trained)):
-        outs[label] = tmp_path / label
-        wsj._run(_cmd("eval_wsj0mix_model.yaml", data_folder, outs[label], TINY_EVAL + [f"--pretrained_folder={source}"]))
+    outs, procs = {}, []
+    try:  # the two evaluations side by side (one thread each, separate folders)
+        for label, source in (("folder", model_folder), ("recipe", trained)):
+            outs[label] = tmp_path / label
+            procs.append(wsj._start(_cmd("eval_wsj0mix_model.yaml", data_folder, outs[label],
+                                         TINY_EVAL + [f"--pretrained_folder={source}"])))
+        for proc in procs:
+            wsj._finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                wsj._kill_tree(proc)
+                proc.communicate()
     a, b = _results(outs["folder"]), _results(outs["recipe"])
     assert [(r["ID"], r["si_sdr"], r["pesq"]) for r in a] == [(r["ID"], r["si_sdr"], r["pesq"]) for r in b]
     assert (outs["recipe"] / "model" / "score_model.ckpt").is_file()
