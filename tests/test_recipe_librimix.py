@@ -11,7 +11,6 @@
 """
 
 import csv
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import soundfile as sf
 import torch
 
 import test_recipe_wsj0mix as wsj
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "LibriMix" / "separation"
@@ -70,10 +70,7 @@ def _results(out):
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("librimix_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE.relative_to(ROOT) / "train.py", "librimix_train")
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +180,7 @@ def test_eval_from_a_recipe_output_folder_scores_like_its_model_folder(trained, 
             wsj._finish(proc)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                wsj._kill_tree(proc)
-                proc.communicate()
+            wsj._stop(proc)
     a, b = _results(outs["folder"]), _results(outs["recipe"])
     assert [(r["ID"], r["si_sdr"], r["pesq"]) for r in a] == [(r["ID"], r["si_sdr"], r["pesq"]) for r in b]
     assert (outs["recipe"] / "model" / "score_model.ckpt").is_file()

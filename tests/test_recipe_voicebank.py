@@ -11,7 +11,6 @@
 """
 
 import csv
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import soundfile as sf
 import torch
 
 import test_recipe_wsj0mix as wsj
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "Voicebank" / "enhance"
@@ -65,10 +65,7 @@ def _csv(path):
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("voicebank_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE.relative_to(ROOT) / "train.py", "voicebank_train")
 
 
 def _load(yaml_name, **overrides):

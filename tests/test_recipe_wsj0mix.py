@@ -11,7 +11,6 @@
 """
 
 import csv
-import importlib.util
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "WSJ0Mix" / "separation"
@@ -145,14 +145,20 @@ def _finish(proc, timeout=240, returncode=0):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        out, err = proc.communicate()
+        out, err = _stop(proc)
         pytest.fail(f"{' '.join(cmd)} ran past {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert result.returncode == returncode, (
         f"{' '.join(cmd)} exited {result.returncode}, not {returncode}:\n{out[-3000:]}\n{err[-5000:]}"
     )
     return result
+
+
+def _stop(proc):
+    """Kill a started command's whole tree if it still runs; returns its drained ``(stdout, stderr)``."""
+    if proc.poll() is None:
+        _kill_tree(proc)
+    return proc.communicate()
 
 
 def _run(cmd, timeout=240, env=None, returncode=0):
@@ -340,10 +346,7 @@ def test_allow_tf32_on_the_command_line_reaches_the_brain(data_folder, tmp_path)
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("wsj0mix_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE.relative_to(ROOT) / "train.py", "wsj0mix_train")
 
 
 @pytest.mark.parametrize("hparams", ["diffsep_small.yaml", "diffsep_small_paper.yaml", "convtasnet_small.yaml"])
@@ -529,7 +532,7 @@ def test_a_run_stopped_mid_epoch_and_at_an_epoch_end_resumes_bit_for_bit(data_fo
     ref, out = tmp_path / "uninterrupted", tmp_path / "stopped"
     # the uninterrupted run goes on beside the stopped one (one thread each, independent folders)
     uninterrupted = _start(_train_cmd("diffsep_small.yaml", data_folder, ref, args))
-    request.addfinalizer(lambda: uninterrupted.poll() is None and (_kill_tree(uninterrupted), uninterrupted.communicate()))
+    request.addfinalizer(lambda: _stop(uninterrupted))
     cmd = _train_cmd("diffsep_small.yaml", data_folder, out, args)
     log = out / "rank_logs" / "rank0.txt"
 
