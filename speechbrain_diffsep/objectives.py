@@ -3,7 +3,8 @@
 - ``"score"``: the paper's score matching with the p_T loss (:func:`.losses.score_matching_loss`),
   for a network that outputs the score (NCSN++'s ``ScoreModel``).
 - ``"denoiser"``: EDM-style data prediction (:func:`.precond.denoiser_loss`), for a
-  :class:`~.precond.PreconditionedScoreModel`; ``mismatch_p`` adds the mismatch-aware states.
+  :class:`~.precond.PreconditionedScoreModel`; ``mismatch_p`` adds the mismatch-aware states,
+  ``restart_p`` the restart-aware ones.
 - ``"flow"``: flow matching for separation (:func:`.flow.flow_matching_loss`), for a
   :class:`~.flow.FlowModel` with ``sde: SeparationFlow``.
 
@@ -57,10 +58,11 @@ def training_loss(score_model, sde, s, y, generator=None, objective="score", **o
     """
     check_objective(objective, score_model, sde)
     if objective == "score":
-        if options.get("mismatch_p"):
-            raise ValueError("mismatch_p needs objective 'denoiser' (the score objective's target assumes true marginals)")
-        options.pop("mismatch_p", None)
-        options.pop("mismatch_above", None)
+        for key in ("mismatch_p", "restart_p"):
+            if options.get(key):
+                raise ValueError(f"{key} needs objective 'denoiser' (the score objective's target assumes true marginals)")
+        for key in ("mismatch_p", "mismatch_above", "restart_p", "restart_range"):
+            options.pop(key, None)
         loss, mask = score_matching_loss(score_model, sde, s, y, generator=generator, **options)
     else:
         fn = denoiser_loss if objective == "denoiser" else flow_matching_loss

@@ -108,9 +108,31 @@ class PreconditionedScoreModel(torch.nn.Module):
         return -self.sde.mult_cov_inv(x - self.sde.mean(d, t), t)
 
 
+def restart_states(model, sde, y, t, generator=None, t_range=(0.15, 0.6)):
+    """The states a restart builds: the true marginal at ``t_r`` around the model's own estimate.
+
+    ``x_T = y/K + L_T z'`` (the prior), ``D_0 = D(x_T, T)`` with this model and no gradient (the
+    first call of a restart sampler), ``t_r ~ U[t_range]`` and ``x = mu_{t_r}(D_0) + L_{t_r} z``:
+    what ``sampling._start`` does with ``restart_t=t_r``. Returns ``(x, t_r, D_0)``; ``t`` only gives the
+    batch size, dtype and device. Draw order from ``generator``: ``z'``, ``t_r``, ``z``.
+    """
+    lo, hi = (float(v) for v in t_range)
+    if not sde.t_eps < lo <= hi < sde.T:
+        raise ValueError(f"restart_range must be [lo, hi] with t_eps={sde.t_eps} < lo <= hi < T={sde.T}, got {list(t_range)}")
+    B, dev, dt = y.shape[0], y.device, y.dtype
+    z_prior = torch.randn((B, sde.num_sources, y.shape[-1]), generator=generator, dtype=dt, device=dev)
+    x_T = sde.prior_sample(y, z=z_prior)
+    with torch.no_grad():
+        est = model(x_T, torch.full((B,), sde.T, dtype=t.dtype, device=dev), y, output="denoised").to(dt)
+    t_r = lo + (hi - lo) * torch.rand(B, generator=generator, dtype=t.dtype, device=dev)
+    z = torch.randn(est.shape, generator=generator, dtype=dt, device=dev)
+    x, _ = sde.sample_marginal(est, t_r, z=z, y=y)
+    return x, t_r, est
+
+
 def denoiser_loss(
     model, sde, s, y, p_T=0.1, generator=None, shuffle=True, t_sampling="uniform", t_power=1.0, pit_above=None,
-    t_max=None, mismatch_p=0.0, mismatch_above=0.5,
+    t_max=None, mismatch_p=0.0, mismatch_above=0.5, restart_p=0.0, restart_range=(0.15, 0.6),
 ):
     """Data-prediction loss for :class:`PreconditionedScoreModel`, with the p_T permutation branch.
 
@@ -124,15 +146,30 @@ def denoiser_loss(
     Mismatch-aware training (``mismatch_p > 0``): that share of the examples is built as the
     sampler builds its states from the prior (:func:`.losses.mismatch_state`, ``t`` uniform in
     ``[mismatch_above, T]``), so the network learns the states it meets when sampling.
+    Restart-aware training (``restart_p > 0``): that share of the examples not on the prior branch
+    gets the state a restart sampler builds (:func:`restart_states`: the marginal at
+    ``t ~ U[restart_range]`` around the model's own estimate from the prior, computed without
+    gradient), the target stays ``s`` and the loss is the permutation-min (the estimate's source
+    order is the model's). The network learns to correct its own first estimate, which is what
+    every call after a restart does; a plain model only ever saw noise around the true sources there
+    and keeps the estimate's errors (``MATH.md``, "Cure 3").
     Returns ``(loss (batch,), use_pit (batch,))``.
     """
+    if not 0.0 <= restart_p <= 1.0:
+        raise ValueError(f"restart_p must be a probability in [0, 1], got {restart_p}")
     s, t, _, x, use_prior = draw_training_inputs(
         sde, s, y, p_T, generator, shuffle, t_sampling=t_sampling, t_power=t_power, t_max=t_max,
         mismatch_p=mismatch_p, mismatch_above=mismatch_above,
     )
+    use_restart = torch.zeros_like(use_prior)
+    if restart_p > 0:
+        use_restart = (torch.rand(s.shape[0], generator=generator, device=s.device) < restart_p) & ~use_prior
+        x_r, t_r, _ = restart_states(model, sde, y, t, generator, restart_range)
+        t = torch.where(use_restart, t_r, t)
+        x = torch.where(use_restart[:, None, None], x_r, x)
     d = model(x, t, y, output="denoised")  # through forward (DDP-safe)
     c_out = getattr(model, "module", model).scalings(t)[2]
-    use_pit = use_prior if pit_above is None else use_prior | (t >= pit_above)
+    use_pit = use_prior | use_restart if pit_above is None else use_prior | use_restart | (t >= pit_above)
     per_perm = []
     perms = list(permutations(range(sde.num_sources))) if bool(use_pit.any()) else [tuple(range(sde.num_sources))]
     for perm in perms:

@@ -289,6 +289,8 @@ def run_recipe(argv, prepare, data_hint, mixture="mix_wav", sources=None, residu
     datasets = dataio_prep(hparams, mixture, sources, residual_target, splits=splits)
     if isinstance(datasets.get("train"), DynamicMixDataset):
         brain.train_mixer = datasets["train"]
+    if not brain.test_only and hparams.get("init_from"):
+        init_from_model_folder(brain, hparams["init_from"], os.path.join(hparams["output_folder"], "init_from"))
     if not brain.test_only:
         brain.fit(
             brain.hparams.epoch_counter,
@@ -403,7 +405,7 @@ def _destroy_group():
 
 
 # --------------------------------------------------------------------------- pretrained models
-def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
+def load_model_folder(folder, savedir, sample_rate=None, num_spks=None, key="pretrained_folder"):
     """The score network and SDE of a pretrained model, for a test-only recipe run.
 
     Arguments
@@ -419,6 +421,8 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
         sees the whole folder or none, see :mod:`speechbrain_diffsep.export`).
     sample_rate, num_spks : int, optional
         Raise if the model was made for another rate / number of sources.
+    key : str
+        The yaml key that named the folder, for the error messages.
 
     Returns
     -------
@@ -429,12 +433,12 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
     from .inference import CHECKPOINT_FILE, HPARAMS_FILE, check_model_folder, load_checkpoint_strict
 
     fix = (
-        "pass --pretrained_folder=<a model folder from python -m speechbrain_diffsep.export, "
+        f"pass --{key}=<a model folder from python -m speechbrain_diffsep.export, "
         "or a recipe's output folder>"
     )
     path = Path(str(folder))
     if not path.is_dir():
-        raise FileNotFoundError(f"pretrained_folder {str(folder)!r} does not exist; {fix}")
+        raise FileNotFoundError(f"{key} {str(folder)!r} does not exist; {fix}")
     try:
         if not (path / CHECKPOINT_FILE).is_file() and (path / "save").is_dir():
             path = _export_on_main(path, Path(savedir))
@@ -443,16 +447,54 @@ def load_model_folder(folder, savedir, sample_rate=None, num_spks=None):
             hp = load_hyperpyyaml(f)
         load_checkpoint_strict(hp["score_model"], path / CHECKPOINT_FILE)
     except (ExportError, ValueError, KeyError) as err:
-        raise RecipeError(f"pretrained_folder {str(folder)!r}: {err}; {fix}") from None
+        raise RecipeError(f"{key} {str(folder)!r}: {err}; {fix}") from None
     model = {"score_model": hp["score_model"], "sde": hp["sde"], "sample_rate": int(hp["sample_rate"]),
              "num_spks": int(hp["num_spks"]), "folder": str(path)}
     for name, want in (("sample_rate", sample_rate), ("num_spks", num_spks)):
         if want is not None and int(want) != model[name]:
             raise RecipeError(
-                f"pretrained_folder {str(folder)!r} holds a model with {name}={model[name]}, "
+                f"{key} {str(folder)!r} holds a model with {name}={model[name]}, "
                 f"but the yaml has {name}={want}; use a matching model or data"
             )
     return model
+
+
+def init_from_model_folder(brain, folder, savedir):
+    """Fine-tuning: start training from the weights of a model folder (``init_from:`` in the yaml).
+
+    Only when the Brain's ``save`` folder has no complete checkpoint: a run that has checkpoints
+    resumes from them as always, so an interrupted fine-tuning continues where it stopped. The
+    folder is a model folder or a recipe output folder (its best checkpoint), as
+    ``--pretrained_folder`` of the test-only yamls (:func:`load_model_folder`); its network must have
+    the yaml's sizes. The score model and its EMA both start from the folder's weights (the EMA
+    averages on from them). Returns True if the weights were loaded.
+    """
+    from .brain import _is_complete
+    from .inference import _state_dict_mismatch
+
+    if brain.checkpointer is not None and brain.checkpointer.find_checkpoint(ckpt_predicate=_is_complete) is not None:
+        return False
+    if "score_model" not in brain.modules:
+        raise RecipeError(f"init_from {str(folder)!r}: only the DiffSep yamls (modules: score_model) can start from a model folder")
+    source = load_model_folder(
+        folder, savedir, sample_rate=brain.hparams.sample_rate, num_spks=brain.hparams.num_spks, key="init_from"
+    )
+    target = brain.modules.score_model
+    problem = _state_dict_mismatch(target.state_dict(), source["score_model"].state_dict())
+    if problem:
+        raise RecipeError(
+            f"init_from {str(folder)!r}: its network does not match the yaml's ({problem}); "
+            "use a model trained with the same yaml sizes"
+        )
+    target.load_state_dict(source["score_model"].state_dict())
+    ema = getattr(brain, "ema", None)
+    if ema is not None:
+        ema.module.load_state_dict(source["score_model"].state_dict())
+        ema.n_averaged.fill_(1)  # average on from the folder's weights, not from the first step's
+    sb.utils.distributed.ddp_barrier()
+    if if_main_process():
+        print(f"init_from: training starts from the weights of {source['folder']}", file=sys.stderr)
+    return True
 
 
 def _export_on_main(output_folder, savedir):

@@ -327,6 +327,116 @@ def test_pit_above_includes_its_own_time(sde):
     assert bool(used[5]) and torch.equal(used, t >= t0) and 0 < int(used.sum()) < 16
 
 
+# ------------------------------------------------------------------ restart-aware training (restart_p)
+class LinearF(torch.nn.Module):
+    """A network with a weight whose output depends on its input (so a gradient could reach it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, x_in, t, y):
+        return self.w * x_in + 0.1 * t.view(-1, 1, 1)
+
+
+def test_restart_states_closed_form(sde):
+    """``x = mu_{t_r}(D(x_T, T)) + L_{t_r} z`` with ``x_T = y/K + L_T z'`` and the draws z', t_r, z in that
+    order from the generator; ``t_r`` uniform in the range; no gradient flows into the model."""
+    from speechbrain_diffsep.precond import restart_states
+
+    s, y, _ = _batch(B=400, n=5)
+    model = PreconditionedScoreModel(LinearF(), sde, sigma_data=0.5)
+    t = torch.full((400,), 0.5, dtype=torch.float64)
+    x, t_r, est = restart_states(model, sde, y, t, torch.Generator().manual_seed(61), (0.2, 0.4))
+    g = torch.Generator().manual_seed(61)
+    z_prior = torch.randn(s.shape, generator=g, dtype=torch.float64)
+    u = torch.rand(400, generator=g, dtype=torch.float64)
+    z = torch.randn(s.shape, generator=g, dtype=torch.float64)
+    tT = torch.full((400,), sde.T, dtype=torch.float64)
+    # the prior draw and the denoiser written out: y/K + L_T z' and y/K + c_skip Pbar x/a + c_out Pbar F(c_in Pbar x/a)
+    x_T = y / 2 + sde.mult_std(z_prior, tT)
+    a, c_skip, c_out, c_in = model.scalings(tT)
+    xb = (x_T - x_T.mean(1, keepdim=True)) / a
+    f = 0.3 * c_in * xb + 0.1
+    expected_est = y / 2 + c_skip * xb + c_out * (f - f.mean(1, keepdim=True))
+    assert torch.allclose(est, expected_est, rtol=0, atol=1e-12)
+    assert torch.equal(t_r, 0.2 + 0.2 * u) and 0.2 <= float(t_r.min()) and float(t_r.max()) <= 0.4
+    assert float(t_r.std()) == pytest.approx(0.2 / math.sqrt(12), rel=0.1)
+    assert torch.allclose(x, sde.mean(expected_est, t_r) + sde.mult_std(z, t_r), rtol=0, atol=1e-12)
+    assert not x.requires_grad and not est.requires_grad
+
+
+@pytest.mark.parametrize("restart_p", [0.5, 1.0])
+def test_denoiser_loss_trains_restart_states_with_the_permutation_min(sde, restart_p):
+    """``restart_p``: after the usual draws, a mask (``rand < restart_p``, never on the prior branch) picks the
+    examples that get :func:`restart_states` (drawn next from the same generator); the model sees those (x, t),
+    and their loss is the permutation minimum."""
+    from speechbrain_diffsep.losses import draw_training_inputs
+    from speechbrain_diffsep.precond import restart_states
+
+    s, y, f = _batch()
+    model = Recording(FixedF(f), sde, sigma_data=0.5)
+    loss, used = denoiser_loss(model, sde, s, y, p_T=0.2, restart_p=restart_p, restart_range=(0.3, 0.5),
+                               generator=torch.Generator().manual_seed(62))
+    seen = model.seen
+    g = torch.Generator().manual_seed(62)
+    s2, t, z, x, prior = draw_training_inputs(sde, s, y, p_T=0.2, generator=g)
+    mask = (torch.rand(64, generator=g) < restart_p) & ~prior
+    x_r, t_r, _ = restart_states(model, sde, y, t, g, (0.3, 0.5))
+    assert 0 < int(prior.sum()) and int(mask.sum()) > 10 and not bool((mask & prior).any())
+    if restart_p == 1.0:
+        assert torch.equal(mask, ~prior)
+    x_exp = torch.where(mask[:, None, None], x_r, x)
+    t_exp = torch.where(mask, t_r, t)
+    assert torch.equal(seen["x"], x_exp) and torch.equal(seen["t"], t_exp) and seen["output"] == "denoised"
+    assert torch.equal(used, prior | mask)
+    d = model.denoise(x_exp, t_exp, y)
+    c_out = model.scalings(t_exp)[2]
+    per = torch.stack([((d - s2[:, p]) - (d - s2[:, p]).mean(1, keepdim=True)).div(c_out).pow(2).mean(dim=(1, 2))
+                       for p in ([0, 1], [1, 0])], 1)
+    assert torch.allclose(loss, torch.where(used, per.min(1).values, per[:, 0]), rtol=1e-12, atol=0)
+
+
+def test_restart_training_with_an_oracle_reaches_zero_and_its_gradient_skips_the_first_call(sde):
+    """An oracle network (D = s exactly) has zero loss on restart states whatever order its first estimate took;
+    the gradient reaches the network only through the second call (the first is under no_grad)."""
+    s, y, _ = _batch(B=16)
+    model = PreconditionedScoreModel(None, sde, sigma_data=0.5)
+    model.net = OracleF(s, model)
+    loss, used = denoiser_loss(model, sde, s, y, p_T=0.0, restart_p=1.0, generator=torch.Generator().manual_seed(63))
+    assert bool(used.all()) and float(loss.detach().abs().max()) < 1e-20
+    calls = []
+    model.net.register_forward_hook(lambda m, inp, out: calls.append(torch.is_grad_enabled()))
+    loss, _ = denoiser_loss(model, sde, s, y, p_T=0.0, restart_p=1.0, generator=torch.Generator().manual_seed(63))
+    assert calls == [False, True]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [(dict(restart_p=1.5), r"^restart_p must be a probability in \[0, 1\], got 1.5$"),
+     (dict(restart_p=-0.1), r"^restart_p must be a probability"),
+     (dict(restart_p=0.5, restart_range=(0.5, 0.2)), r"^restart_range must be \[lo, hi\] with t_eps=0.03 < lo <= hi < T=1"),
+     (dict(restart_p=0.5, restart_range=(0.01, 0.2)), r"^restart_range must be"),
+     (dict(restart_p=0.5, restart_range=(0.2, 1.0)), r"^restart_range must be")],
+    ids=["p-above-1", "p-negative", "range-reversed", "range-below-t_eps", "range-at-T"],
+)
+def test_restart_options_are_checked(sde, kw, message):
+    s, y, f = _batch(B=4)
+    model = PreconditionedScoreModel(FixedF(f[:4]), sde, sigma_data=0.5)
+    with pytest.raises(ValueError, match=message):
+        denoiser_loss(model, sde, s, y, generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_restart_p_is_rejected_by_the_score_objective(sde):
+    s, y, f = _batch(B=4)
+    with pytest.raises(ValueError, match=r"^restart_p needs objective 'denoiser'"):
+        training_loss(lambda x, t, yy: torch.zeros_like(x), sde, s, y, objective="score", restart_p=0.3)
+    # zero (the yamls' default) passes, with its range, to the score objective
+    loss, _ = training_loss(lambda x, t, yy: torch.zeros_like(x), sde, s, y, objective="score", restart_p=0.0,
+                            restart_range=[0.15, 0.6])
+    assert loss.shape == (4,)
+
+
 # ------------------------------------------------------------------ the wrapper's SDE, defaults and dtypes
 def test_model_copies_the_given_sde_and_defaults_to_the_papers():
     """The scalings follow the given SDE (all six parameters copied, into a new object); without one the paper's

@@ -620,3 +620,66 @@ def test_convtasnet_small_trains_and_is_tested_like_diffsep(data_folder, tmp_pat
     assert ckpts and all((c / "masknet.ckpt").exists() and (c / "lr_scheduler.ckpt").exists() for c in ckpts)
     log = (out / "train_log.txt").read_text()
     assert "epoch: 2" in log and "test si_sdr" in log
+
+
+# --------------------------------------------------------------------------- fine-tuning (init_from) and restart_p
+BUNDLED_SMALL = ROOT / "pretrained" / "diffsep-small-minimix"
+
+
+def _small_brain(data, out, *extra):
+    from speechbrain_diffsep.recipe import build_brain, load_recipe_hparams
+
+    argv = [str(RECIPE / "hparams" / "diffsep_small.yaml"), f"--data_folder={data}", f"--output_folder={out}",
+            "--device=cpu", *extra]
+    _, hp, run_opts, _ = load_recipe_hparams(argv)
+    return build_brain(hp, run_opts)
+
+
+def test_init_from_loads_the_weights_and_ema_unless_a_checkpoint_can_be_resumed(data_folder, tmp_path):
+    """``init_from_model_folder``: the score model and the EMA (n_averaged = 1) get the folder's weights; once the
+    run has a complete checkpoint it resumes from that and the folder is not read (not even checked)."""
+    from speechbrain_diffsep.recipe import init_from_model_folder
+
+    bundled = torch.load(BUNDLED_SMALL / "score_model.ckpt")
+    brain = _small_brain(data_folder, tmp_path / "ft")
+    assert not all(torch.equal(brain.modules.score_model.state_dict()[k], v) for k, v in bundled.items())
+    assert init_from_model_folder(brain, str(BUNDLED_SMALL), str(tmp_path / "ft" / "init_from")) is True
+    for state in (brain.modules.score_model.state_dict(), brain.ema.module.state_dict()):
+        assert state.keys() == bundled.keys() and all(torch.equal(state[k], v) for k, v in bundled.items())
+    assert int(brain.ema.n_averaged) == 1
+    brain.checkpointer.save_checkpoint()
+    again = _small_brain(data_folder, tmp_path / "ft")
+    before = {k: v.clone() for k, v in again.modules.score_model.state_dict().items()}
+    assert init_from_model_folder(again, str(tmp_path / "no_such_folder"), str(tmp_path / "x")) is False
+    assert all(torch.equal(again.modules.score_model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_init_from_errors_name_the_key_and_the_fix(data_folder, tmp_path):
+    from speechbrain_diffsep.recipe import RecipeError, init_from_model_folder
+
+    brain = _small_brain(data_folder, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match=r"^init_from '.*no_such' does not exist; pass --init_from=<a model folder"):
+        init_from_model_folder(brain, str(tmp_path / "no_such"), str(tmp_path / "a" / "init_from"))
+    tiny = _small_brain(data_folder, tmp_path / "b", "--N=16", "--B=8", "--H=16", "--X=2", "--R=1", "--emb_dim=8")
+    with pytest.raises(RecipeError, match=r"^init_from '.*diffsep-small-minimix': its network does not match the "
+                                          r"yaml's \(.*shape mismatches.*\); use a model trained with the same yaml sizes$"):
+        init_from_model_folder(tiny, str(BUNDLED_SMALL), str(tmp_path / "b" / "init_from"))
+
+
+def test_fine_tuning_from_the_bundled_folder_with_restart_states_through_the_recipe(data_folder, tmp_path):
+    """``--init_from=<model folder> --restart_p=0.5`` on the command line: training starts from the folder's weights
+    (with lr = 0 they stay bit for bit, EMA included), the restart-aware loss runs, the test stage separates."""
+    out = tmp_path / "ft"
+    args = _without(COMMON, "log_rank_activity", "test_metrics") + [
+        "--test_metrics=[si_sdr]", "--number_of_epochs=1", "--lr=0.0", "--restart_p=0.5",
+        f"--init_from={BUNDLED_SMALL}"]
+    proc = _run(_train_cmd("diffsep_small.yaml", data_folder, out, args))
+    assert "init_from: training starts from the weights of" in proc.stderr
+    ckpt = _final_checkpoint(out / "save")
+    bundled = torch.load(BUNDLED_SMALL / "score_model.ckpt")
+    trained = torch.load(ckpt / "score_model.ckpt")
+    ema = {k[len("module."):]: v for k, v in torch.load(ckpt / "ema.ckpt").items() if k.startswith("module.")}
+    for state in (trained, ema):
+        assert all(torch.equal(state[k], v) for k, v in bundled.items())
+    assert np.isfinite(yaml.safe_load((ckpt / "CKPT.yaml").read_text())["loss"])
+    assert np.isfinite(float(_results(out)[-1]["si_sdr"]))
