@@ -1,11 +1,11 @@
 """Experiment: repeated restarts ("restart sampling", Xu et al., NeurIPS 2023) on a from-prior DiffSep.
 
-The shipped sampler of ``pretrained/diffsep-small-minimix`` is one denoiser call at T, fresh noise
-around that estimate on the true marginal at ``restart_t`` and one more call (``ddim``, 1 step,
-``restart_t=0.5``: 2 calls). Here that renoise-and-denoise cycle is repeated: after the first
+A restart sampler makes one denoiser call at T, draws fresh noise around that estimate on the true
+marginal at ``restart_t`` and makes one more call (``ddim``, 1 step, ``restart_t=0.5``: 2 calls; the
+folder's default sampler is a row of its own). Here that renoise-and-denoise cycle is repeated: after the first
 restart, ``cycles - 1`` more times fresh noise is drawn around the current estimate at ``t_cycle``
 and ``steps`` DDIM steps go back to t_eps. Scores SI-SDRi (SI-SIR permutation), narrow-band PESQ
-and DNSMOS P.835 OVRL per setting, against one denoiser call and the shipped 2-call setting::
+and DNSMOS P.835 OVRL per setting, against one denoiser call, the 2-call restart and the folder's default::
 
     python benchmarks/restart_cycles.py --model pretrained/diffsep-small-minimix --data <minimix> --n 10 \\
         --out benchmarks/results/restart_cycles 4@0.5,0.2 8@0.5,0.2 4@0.3,0.15
@@ -70,8 +70,10 @@ def main(argv=None):
     sampling.SAMPLERS["restart_cycles"] = restart_cycles  # this experiment's sampler, for this process only
     model = DiffSepSeparation.from_hparams(source=args.model, savedir=args.model)
     settings = [{"label": "one denoiser call", "sampler": "ddim", "num_steps": 1, "options": {"restart_t": None}},
-                {"label": "shipped: ddim 1 step, restart 0.5", "sampler": "ddim", "num_steps": 1,
-                 "options": {"restart_t": 0.5}}] + [parse_setting(s) for s in args.settings]
+                {"label": "ddim 1 step, restart 0.5", "sampler": "ddim", "num_steps": 1,
+                 "options": {"restart_t": 0.5}},
+                {"label": "the folder's default sampler", "sampler": None, "num_steps": None, "options": {}}] + [
+        parse_setting(s) for s in args.settings]
     rows = test_rows(args.data, args.n)
     results = []
     for st in settings:
