@@ -227,6 +227,7 @@ def load_recipe_hparams(argv=None, init_distributed=False):
     ``init_distributed``: set up the DDP process group (under torchrun) before the yaml is loaded,
     so that objects the yaml builds (e.g. :func:`load_model_folder`) can synchronise the ranks.
     """
+    _check_repeated_options(sys.argv[1:] if argv is None else argv)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     if not os.path.isfile(hparams_file):
         raise RecipeError(f"hyperparameter file {hparams_file!r} does not exist; pass the path of a yaml in hparams/")
@@ -244,6 +245,17 @@ def load_recipe_hparams(argv=None, init_distributed=False):
                 ) from None
             raise
     return hparams_file, hparams, run_opts, overrides
+
+
+def _check_repeated_options(argv):
+    """One-line error for an option given twice (the yaml parser would raise a DuplicateKeyError)."""
+    seen = set()
+    for arg in argv:
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0]
+            if key in seen:
+                raise RecipeError(f"--{key} is given twice on the command line; keep one")
+            seen.add(key)
 
 
 def build_brain(hparams, run_opts):

@@ -366,6 +366,14 @@ def test_unknown_command_line_key_is_a_clear_error(hparams, data_folder, tmp_pat
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown hyperparameter --numbr_of_epochs")
 
 
+def test_an_option_given_twice_is_a_clear_error(data_folder):
+    from speechbrain_diffsep.recipe import RecipeError, load_recipe_hparams
+
+    argv = [str(RECIPE / "hparams" / "diffsep_small.yaml"), f"--data_folder={data_folder}", "--lr=0.1", "--lr=0.2"]
+    with pytest.raises(RecipeError, match=r"^--lr is given twice on the command line; keep one$"):
+        load_recipe_hparams(argv)
+
+
 def test_missing_data_folder_is_a_one_line_error(tmp_path):
     missing = tmp_path / "no_such_wsj0mix"
     cmd = _train_cmd("diffsep_small.yaml", missing, tmp_path / "out")
