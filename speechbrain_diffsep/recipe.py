@@ -248,11 +248,17 @@ def load_recipe_hparams(argv=None, init_distributed=False):
 
 
 def _check_repeated_options(argv):
-    """One-line error for an option given twice (the yaml parser would raise a DuplicateKeyError)."""
+    """One-line error for a yaml override given twice (the yaml parser would raise a DuplicateKeyError).
+
+    SpeechBrain's run options (``--device``, ``--ckpt_interval_minutes``, ...) go through argparse,
+    where the last one wins as usual; they are not checked."""
+    run_options = set(sb.RunOptions().as_dict())
     seen = set()
     for arg in argv:
         if arg.startswith("--"):
             key = arg[2:].split("=", 1)[0]
+            if key in run_options:
+                continue
             if key in seen:
                 raise RecipeError(f"--{key} is given twice on the command line; keep one")
             seen.add(key)

@@ -372,6 +372,9 @@ def test_an_option_given_twice_is_a_clear_error(data_folder):
     argv = [str(RECIPE / "hparams" / "diffsep_small.yaml"), f"--data_folder={data_folder}", "--lr=0.1", "--lr=0.2"]
     with pytest.raises(RecipeError, match=r"^--lr is given twice on the command line; keep one$"):
         load_recipe_hparams(argv)
+    # a SpeechBrain run option (argparse) may be repeated: the last one wins
+    _, _, run_opts, _ = load_recipe_hparams(argv[:2] + ["--ckpt_interval_minutes=5", "--ckpt_interval_minutes=0"])
+    assert run_opts["ckpt_interval_minutes"] == 0
 
 
 def test_missing_data_folder_is_a_one_line_error(tmp_path):
