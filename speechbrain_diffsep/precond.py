@@ -119,14 +119,12 @@ def restart_states(model, sde, y, t, generator=None, t_range=(0.15, 0.6)):
     lo, hi = (float(v) for v in t_range)
     if not sde.t_eps < lo <= hi < sde.T:
         raise ValueError(f"restart_range must be [lo, hi] with t_eps={sde.t_eps} < lo <= hi < T={sde.T}, got {list(t_range)}")
-    B, dev, dt = y.shape[0], y.device, y.dtype
-    z_prior = torch.randn((B, sde.num_sources, y.shape[-1]), generator=generator, dtype=dt, device=dev)
-    x_T = sde.prior_sample(y, z=z_prior)
+    B = y.shape[0]
+    x_T = sde.prior_sample(y, generator=generator)
     with torch.no_grad():
-        est = model(x_T, torch.full((B,), sde.T, dtype=t.dtype, device=dev), y, output="denoised").to(dt)
-    t_r = lo + (hi - lo) * torch.rand(B, generator=generator, dtype=t.dtype, device=dev)
-    z = torch.randn(est.shape, generator=generator, dtype=dt, device=dev)
-    x, _ = sde.sample_marginal(est, t_r, z=z, y=y)
+        est = model(x_T, torch.full((B,), sde.T, dtype=t.dtype, device=y.device), y, output="denoised").to(y.dtype)
+    t_r = lo + (hi - lo) * torch.rand(B, generator=generator, dtype=t.dtype, device=y.device)
+    x, _ = sde.sample_marginal(est, t_r, generator=generator, y=y)
     return x, t_r, est
 
 

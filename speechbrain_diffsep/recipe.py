@@ -497,17 +497,17 @@ def init_from_model_folder(brain, folder, savedir):
     source = load_model_folder(
         folder, savedir, sample_rate=brain.hparams.sample_rate, num_spks=brain.hparams.num_spks, key="init_from"
     )
-    target = brain.modules.score_model
-    problem = _state_dict_mismatch(target.state_dict(), source["score_model"].state_dict())
+    target, weights = brain.modules.score_model, source["score_model"].state_dict()
+    problem = _state_dict_mismatch(target.state_dict(), weights)
     if problem:
         raise RecipeError(
             f"init_from {str(folder)!r}: its network does not match the yaml's ({problem}); "
             "use a model trained with the same yaml sizes"
         )
-    target.load_state_dict(source["score_model"].state_dict())
+    target.load_state_dict(weights)
     ema = getattr(brain, "ema", None)
     if ema is not None:
-        ema.module.load_state_dict(source["score_model"].state_dict())
+        ema.module.load_state_dict(weights)
         ema.n_averaged.fill_(1)  # average on from the folder's weights, not from the first step's
     sb.utils.distributed.ddp_barrier()
     if if_main_process():
